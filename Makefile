@@ -1,0 +1,17 @@
+# The README's commands. Arguments for train.py go in ARGS: make train ARGS="model=dense"
+.PHONY: setup train test test-slow bench
+
+setup:
+	bash scripts/setup.sh
+
+train: setup
+	.venv/bin/python train.py $(ARGS)
+
+test: setup
+	.venv/bin/python -m pytest -m "not slow" $(ARGS)
+
+test-slow: setup
+	.venv/bin/python -m pytest -m slow $(ARGS)
+
+bench: setup
+	.venv/bin/python scripts/bench_moe.py $(ARGS)

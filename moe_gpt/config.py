@@ -1,0 +1,285 @@
+"""Typed configuration: one dataclass per config group.
+
+Hydra merges the YAML presets in ``configs/`` and the command line into these schemas
+(``register_schema``), so a misspelled key or a wrong type is an error
+that names the key. ``__post_init__`` checks values as soon as a config object is built,
+before any data is read or any weight is allocated; each message names the command-line
+key to change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ACTIVATIONS = ("gelu", "relu", "swish", "tanh")
+LOAD_BALANCE_TYPES = ("switch", "variance", "none")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the one-line message names the key and what to do."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_positive(**values: float) -> None:
+    for key, value in values.items():
+        _require(value > 0, f"{key}={value} must be positive")
+
+
+def _check_dropout(key: str, value: float) -> None:
+    _require(0.0 <= value < 1.0, f"{key}={value} must be in [0, 1)")
+
+
+@dataclass
+class MoEConfig:
+    """The Mixture-of-Experts feed-forward layer (used when ``GPTConfig.use_moe``)."""
+
+    num_experts: int = 8  # E: experts per MoE layer
+    top_k: int = 2  # experts each token is routed to
+    activation: str = "gelu"  # gelu (tanh approximation, as GPT-2) | relu | swish (SiLU) | tanh
+    hidden_size: Optional[int] = None  # expert FFN width; None -> 4 * n_embd
+    dropout: Optional[float] = None  # expert output dropout; None -> the model's dropout
+    every_n_layers: int = 1  # MoE in blocks where (index + 1) % N == 0; 1 = every block
+    normalize_top_k: bool = True  # renormalise the k routing weights to sum to 1
+    load_balance: str = "switch"  # switch (E * sum_i f_i P_i) | variance (design's) | none
+    aux_loss_coef: float = 0.01  # weight of the load-balance loss in the training loss
+    z_loss_coef: float = 0.001  # weight of the router z-loss in the training loss
+
+    def __post_init__(self) -> None:
+        _require(self.num_experts >= 1, f"model.moe.num_experts={self.num_experts} must be >= 1")
+        _require(
+            1 <= self.top_k <= self.num_experts,
+            f"model.moe.top_k={self.top_k} must be between 1 and model.moe.num_experts={self.num_experts}",
+        )
+        _require(
+            self.activation in ACTIVATIONS,
+            f"model.moe.activation={self.activation!r} is unknown; choose one of {', '.join(ACTIVATIONS)}",
+        )
+        _require(
+            self.load_balance in LOAD_BALANCE_TYPES,
+            f"model.moe.load_balance={self.load_balance!r} is unknown; choose one of {', '.join(LOAD_BALANCE_TYPES)}",
+        )
+        _check_positive(**{"model.moe.every_n_layers": self.every_n_layers})
+        if self.hidden_size is not None:
+            _check_positive(**{"model.moe.hidden_size": self.hidden_size})
+        if self.dropout is not None:
+            _check_dropout("model.moe.dropout", self.dropout)
+        _require(self.aux_loss_coef >= 0, f"model.moe.aux_loss_coef={self.aux_loss_coef} must be >= 0")
+        _require(self.z_loss_coef >= 0, f"model.moe.z_loss_coef={self.z_loss_coef} must be >= 0")
+
+
+@dataclass
+class GPTConfig:
+    """A GPT-2 whose blocks use a dense MLP or, with ``use_moe``, an MoE layer."""
+
+    block_size: int = 256  # context length in tokens
+    vocab_size: int = 50257  # GPT-2 BPE; padded up to a multiple of 64 inside the model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
+    use_moe: bool = False  # False: dense GPT-2 MLP in every block
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            **{
+                "model.block_size": self.block_size,
+                "model.vocab_size": self.vocab_size,
+                "model.n_layer": self.n_layer,
+                "model.n_head": self.n_head,
+                "model.n_embd": self.n_embd,
+            }
+        )
+        _require(
+            self.n_embd % self.n_head == 0,
+            f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}",
+        )
+        _check_dropout("model.dropout", self.dropout)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        # A multiple of 64 keeps the output matmul on fast kernel tiles (nanoGPT's 50304).
+        return math.ceil(self.vocab_size / 64) * 64
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        return self.moe.hidden_size or 4 * self.n_embd
+
+    @property
+    def expert_dropout(self) -> float:
+        return self.dropout if self.moe.dropout is None else self.moe.dropout
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        return self.use_moe and (layer_index + 1) % self.moe.every_n_layers == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layer))
+
+
+def config_warnings(config: GPTConfig) -> list[str]:
+    """Settings that run but are probably not what the user wants (the design's validator)."""
+    if not config.use_moe:
+        return []
+    moe, warnings = config.moe, []
+    if moe.num_experts < 2:
+        warnings.append("model.moe.num_experts=1: an MoE layer with one expert is a dense FFN with a router")
+    if moe.top_k == moe.num_experts and moe.num_experts > 1:
+        warnings.append(
+            f"model.moe.top_k={moe.top_k} equals num_experts: every token uses every expert, so nothing is sparse"
+        )
+    if config.n_embd < 512 and moe.num_experts > 8:
+        warnings.append(
+            f"model.moe.num_experts={moe.num_experts} on a small model (n_embd={config.n_embd} < 512): "
+            "experts may receive too few tokens each to specialise"
+        )
+    if config.num_moe_layers == 0:
+        warnings.append(
+            f"model.moe.every_n_layers={moe.every_n_layers} > n_layer={config.n_layer}: no block gets an MoE layer"
+        )
+    return warnings
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenised and cached, and how it is batched."""
+
+    corpus: str = "stdlib"  # stdlib (Python's own library, no download) | text (local files) | hub
+    name: str = "stdlib"  # label for the token cache and the logs
+    paths: list[str] = field(default_factory=list)  # corpus=text: files, directories or globs
+    hub_path: Optional[str] = None  # corpus=hub: dataset name on the Hugging Face hub
+    hub_config: Optional[str] = None  # corpus=hub: dataset configuration name
+    hub_split: str = "train"  # corpus=hub: split to read documents from
+    hub_revision: Optional[str] = None  # corpus=hub: pin a dataset revision
+    text_field: str = "text"  # column holding the document text
+    streaming: bool = False  # corpus=hub: stream instead of downloading the whole split
+    max_documents: Optional[int] = None  # stop after this many documents (required when streaming)
+    val_fraction: float = 0.02  # share of documents held out for validation
+    encoding_errors: str = "strict"  # undecodable bytes in local files: strict (error) | replace (count logged)
+    cache_dir: str = "data/tokens"  # token arrays, keyed by corpus and tokenizer
+    tokenizer_dir: str = "data/tokenizer"  # offline GPT-2 BPE ranks (scripts/fetch_tokenizer.py)
+    batch_size: int = 16
+    num_workers: int = 0  # DataLoader workers; reading a memory map is cheap, 0 is usually fastest
+
+    def __post_init__(self) -> None:
+        _require(
+            self.corpus in ("stdlib", "text", "hub"),
+            f"data.corpus={self.corpus!r} is unknown; choose stdlib, text or hub",
+        )
+        _require(
+            self.corpus != "text" or len(self.paths) > 0,
+            "data.corpus=text needs data.paths, e.g. data.paths=[notes/*.txt]",
+        )
+        _require(
+            self.corpus != "hub" or bool(self.hub_path),
+            "data.corpus=hub needs data.hub_path, e.g. data.hub_path=roneneldan/TinyStories",
+        )
+        _require(
+            not self.streaming or self.max_documents is not None,
+            "data.streaming=true needs data.max_documents so the corpus has an end",
+        )
+        _require(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        _require(
+            self.encoding_errors in ("strict", "replace"),
+            f"data.encoding_errors={self.encoding_errors!r} is unknown; choose strict or replace",
+        )
+        _check_positive(**{"data.batch_size": self.batch_size})
+        if self.max_documents is not None:
+            _check_positive(**{"data.max_documents": self.max_documents})
+        _require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1  # applied to matrices only; biases, norms and embeddings... see module
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 50
+
+    def __post_init__(self) -> None:
+        _check_positive(**{"optim.lr": self.lr})
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _require(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    """Passed as keyword arguments to ``lightning.Trainer``; the names are Lightning's."""
+
+    accelerator: str = "auto"  # auto | cpu | gpu | mps
+    devices: Any = "auto"  # number of devices, a list of ids, or auto
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    max_steps: int = 600  # optimizer steps
+    val_check_interval: int = 100  # validate every N training batches
+    limit_val_batches: int = 20  # batches per validation
+    gradient_clip_val: float = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            **{
+                "trainer.max_steps": self.max_steps,
+                "trainer.val_check_interval": self.val_check_interval,
+                "trainer.limit_val_batches": self.limit_val_batches,
+                "trainer.accumulate_grad_batches": self.accumulate_grad_batches,
+                "trainer.log_every_n_steps": self.log_every_n_steps,
+            }
+        )
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go: W&B (offline unless asked), CSV, or nowhere."""
+
+    kind: str = "wandb"  # wandb | csv | none
+    project: str = "moe-gpt"
+    mode: str = "offline"  # offline (no account needed; `wandb sync` later) | online
+    group: Optional[str] = None  # W&B group, e.g. one sweep or comparison
+    expert_stats_every_n_steps: int = 25  # per-layer expert usage, entropy, max-load violation
+    heatmap_every_n_steps: int = 200  # layer x expert usage image (W&B only)
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ("wandb", "csv", "none"), f"logger.kind={self.kind!r} is unknown; choose wandb, csv or none")
+        _require(self.mode in ("offline", "online"), f"logger.mode={self.mode!r} is unknown; choose offline or online")
+        _check_positive(
+            **{
+                "logger.expert_stats_every_n_steps": self.expert_stats_every_n_steps,
+                "logger.heatmap_every_n_steps": self.heatmap_every_n_steps,
+            }
+        )
+
+
+@dataclass
+class RunConfig:
+    """The whole run: what ``train.py`` receives after Hydra composed it."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 1337
+    run_dir: str = "outputs/run"  # set by Hydra to its job directory
+    resume: Optional[str] = None  # checkpoint path, or "last" for <run_dir>/checkpoints/last.ckpt
+    compile: bool = False  # torch.compile the model (GPU; slow to start on CPU)
+
+
+def register_schema() -> None:
+    """Make ``RunConfig`` the schema that ``configs/config.yaml`` composes onto."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

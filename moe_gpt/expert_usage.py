@@ -1,0 +1,91 @@
+"""Expert-usage statistics: computed from the routing counts the MoE layers keep, logged by a callback."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+
+from moe_gpt.moe import MoELayer
+
+
+def usage_stats(layer: MoELayer) -> dict[str, float | list[float]]:
+    """Share of token-slots per expert, router entropy and max-load violation since the last reset."""
+    counts = layer.tokens_per_expert.float()
+    share = (counts / counts.sum().clamp_min(1)).tolist()
+    entropy = (layer.router_entropy_sum / layer.routed_tokens.clamp_min(1)).item()
+    return {
+        "share": share,
+        # max share / mean share - 1: 0 when balanced, E - 1 when one expert takes every slot.
+        "max_load_violation": max(share) * len(share) - 1,
+        "router_entropy": entropy,
+        "router_entropy_ratio": entropy / math.log(len(share)) if len(share) > 1 else 1.0,
+    }
+
+
+def usage_heatmap_png(shares: list[list[float]]) -> bytes:
+    """A layer x expert image of token shares, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(shares[0]), 1.0 + 0.45 * len(shares)))
+    image = ax.imshow(shares, cmap="viridis", vmin=0.0, aspect="auto")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_xticks(range(len(shares[0])))
+    ax.set_yticks(range(len(shares)))
+    fig.colorbar(image, ax=ax, label="share of token-slots")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+class ExpertUsageLogger(L.Callback):
+    """Every N optimizer steps, logs each MoE layer's usage; every M steps a heatmap to W&B."""
+
+    def __init__(self, every_n_steps: int, heatmap_every_n_steps: int):
+        self.every_n_steps = every_n_steps
+        self.heatmap_every_n_steps = heatmap_every_n_steps
+        self._last_logged_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        layers = pl_module.model.moe_layers()
+        if not layers or step % self.every_n_steps != 0 or step == self._last_logged_step:
+            return
+        self._last_logged_step = step
+        stats = [usage_stats(layer) for layer in layers]
+        # Straight to the loggers: self.log would hold these until Lightning's own log interval.
+        for logger in trainer.loggers:
+            logger.log_metrics(self._flatten(stats), step=step)
+        for layer in layers:
+            layer.reset_usage()
+        if step % self.heatmap_every_n_steps == 0:
+            self._log_heatmap(trainer, [s["share"] for s in stats])
+
+    @staticmethod
+    def _flatten(stats: list[dict]) -> dict[str, float]:
+        metrics = {}
+        for index, layer_stats in enumerate(stats):
+            prefix = f"moe/layer{index}"
+            for expert, share in enumerate(layer_stats["share"]):
+                metrics[f"{prefix}/expert{expert}_share"] = share
+            for key in ("max_load_violation", "router_entropy", "router_entropy_ratio"):
+                metrics[f"{prefix}/{key}"] = layer_stats[key]
+        metrics["moe/max_load_violation"] = max(s["max_load_violation"] for s in stats)
+        metrics["moe/router_entropy_ratio"] = sum(s["router_entropy_ratio"] for s in stats) / len(stats)
+        return metrics
+
+    @staticmethod
+    def _log_heatmap(trainer: L.Trainer, shares: list[list[float]]) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                from PIL import Image
+
+                image = Image.open(io.BytesIO(usage_heatmap_png(shares)))
+                logger.log_image(key="moe/usage_heatmap", images=[image], step=trainer.global_step)

@@ -1,0 +1,128 @@
+"""Config validation and Hydra composition of the real configs/ tree."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from moe_gpt.config import (
+    ConfigError,
+    DataConfig,
+    GPTConfig,
+    LoggerConfig,
+    MoEConfig,
+    OptimConfig,
+    RunConfig,
+    TrainerConfig,
+    config_warnings,
+    register_schema,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize(
+    "build,key",
+    [
+        (lambda: MoEConfig(num_experts=0, top_k=1), "model.moe.num_experts"),
+        (lambda: MoEConfig(num_experts=4, top_k=5), "model.moe.top_k"),
+        (lambda: MoEConfig(num_experts=4, top_k=0), "model.moe.top_k"),
+        (lambda: MoEConfig(activation="gelu2"), "model.moe.activation"),
+        (lambda: MoEConfig(load_balance="aux"), "model.moe.load_balance"),
+        (lambda: MoEConfig(dropout=1.0), "model.moe.dropout"),
+        (lambda: MoEConfig(hidden_size=0), "model.moe.hidden_size"),
+        (lambda: MoEConfig(every_n_layers=0), "model.moe.every_n_layers"),
+        (lambda: MoEConfig(aux_loss_coef=-1), "model.moe.aux_loss_coef"),
+        (lambda: GPTConfig(n_embd=100, n_head=3), "model.n_embd"),
+        (lambda: GPTConfig(n_layer=0), "model.n_layer"),
+        (lambda: GPTConfig(block_size=-4), "model.block_size"),
+        (lambda: GPTConfig(dropout=-0.1), "model.dropout"),
+        (lambda: DataConfig(corpus="web"), "data.corpus"),
+        (lambda: DataConfig(corpus="text"), "data.paths"),
+        (lambda: DataConfig(corpus="hub"), "data.hub_path"),
+        (lambda: DataConfig(corpus="hub", hub_path="x", streaming=True), "data.max_documents"),
+        (lambda: DataConfig(batch_size=0), "data.batch_size"),
+        (lambda: DataConfig(encoding_errors="ignore"), "data.encoding_errors"),
+        (lambda: OptimConfig(lr=0), "optim.lr"),
+        (lambda: TrainerConfig(max_steps=0), "trainer.max_steps"),
+        (lambda: LoggerConfig(kind="tensorboard"), "logger.kind"),
+        (lambda: LoggerConfig(mode="sometimes"), "logger.mode"),
+    ],
+)
+def test_invalid_value_is_an_error_naming_the_key(build, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
+        build()
+    assert "\n" not in str(error.value)
+
+
+def test_valid_edge_values_are_accepted():
+    MoEConfig(num_experts=1, top_k=1)
+    MoEConfig(num_experts=4, top_k=4)
+    GPTConfig(n_embd=96, n_head=3, dropout=0.0)
+
+
+def test_warnings_for_top_k_equal_to_experts_and_many_experts_on_small_model():
+    assert any("top_k=4" in w for w in config_warnings(GPTConfig(use_moe=True, moe=MoEConfig(num_experts=4, top_k=4))))
+    assert any("small model" in w for w in config_warnings(GPTConfig(n_embd=256, use_moe=True, moe=MoEConfig(num_experts=16))))
+    assert any("one expert" in w for w in config_warnings(GPTConfig(use_moe=True, moe=MoEConfig(num_experts=1, top_k=1))))
+    assert config_warnings(GPTConfig(n_embd=256, use_moe=True, moe=MoEConfig(num_experts=8, top_k=2))) == []
+    assert config_warnings(GPTConfig(use_moe=False, moe=MoEConfig(num_experts=64, top_k=64))) == []
+
+
+def compose_run(overrides: list[str]) -> RunConfig:
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides + ["run_dir=unused"])
+    return OmegaConf.to_object(cfg)
+
+
+def test_default_config_is_moe_on_stdlib_cpu_wandb():
+    run = compose_run([])
+    assert run.model.use_moe and run.data.corpus == "stdlib"
+    assert run.trainer.accelerator == "cpu" and run.logger.kind == "wandb" and run.logger.mode == "offline"
+
+
+def test_command_line_selects_experts_top_k_and_activation():
+    run = compose_run(["model.moe.num_experts=16", "model.moe.top_k=1", "model.moe.activation=swish"])
+    assert (run.model.moe.num_experts, run.model.moe.top_k, run.model.moe.activation) == (16, 1, "swish")
+
+
+def test_dense_and_moe_presets_differ_only_in_use_moe():
+    dense, moe = compose_run(["model=dense"]), compose_run(["model=moe"])
+    assert not dense.model.use_moe and moe.model.use_moe
+    dense.model.use_moe = True
+    assert dense.model == moe.model
+
+
+def test_size_preset_gpt2_small():
+    model = compose_run(["model/size=gpt2_small", "model=dense"]).model
+    assert (model.n_layer, model.n_head, model.n_embd, model.block_size) == (12, 12, 768, 1024)
+
+
+@pytest.mark.parametrize("override", ["model.moe.num_expert=4", "trainer.max_step=3", "data.batchsize=2"])
+def test_misspelled_key_is_an_error(override):
+    with pytest.raises(ConfigCompositionException, match=override.split("=")[0].split(".")[-1]):
+        compose_run([override])
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(ConfigCompositionException, match="top_k"):
+        compose_run(["model.moe.top_k=two"])
+
+
+def test_invalid_combination_fails_when_the_run_config_is_built():
+    with pytest.raises(ConfigError, match="model.moe.top_k=9"):
+        compose_run(["model.moe.num_experts=4", "model.moe.top_k=9"])
+
+
+@pytest.mark.parametrize("preset", ["stdlib", "text", "shakespeare", "tinystories", "wikitext103", "fineweb_edu"])
+def test_every_data_preset_composes(preset):
+    overrides = [f"data={preset}"] + (["data.paths=[x.txt]"] if preset == "text" else [])
+    assert compose_run(overrides).data.name in (preset, "text")
+
+
+@pytest.mark.parametrize("group,choice", [("trainer", "gpu"), ("logger", "csv"), ("logger", "none")])
+def test_every_trainer_and_logger_preset_composes(group, choice):
+    compose_run([f"{group}={choice}"])

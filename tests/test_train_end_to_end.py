@@ -1,0 +1,143 @@
+"""train.py end to end: real Hydra, real Lightning Trainer, real W&B (offline), real token cache."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from moe_gpt.config import register_schema
+from moe_gpt.run import train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model/size=mini",
+    "model.n_layer=2",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.block_size=32",
+    "model.moe.num_experts=4",
+    "data.batch_size=4",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "optim.warmup_steps=2",
+    "logger.expert_stats_every_n_steps=2",
+    "logger.heatmap_every_n_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus_overrides(tmp_path_factory) -> list[str]:
+    """A small local text corpus (a few stdlib modules, copied at test time) and its own cache dir."""
+    import json as json_module
+    import textwrap
+
+    root = tmp_path_factory.mktemp("corpus")
+    for module in (textwrap, json_module.decoder, json_module.encoder, subprocess):
+        (root / f"{Path(module.__file__).stem}.txt").write_text(Path(module.__file__).read_text())
+    return [
+        "data=text",
+        "data.name=e2e",
+        f"data.paths=[{root}/*.txt]",
+        f"data.cache_dir={root / 'tokens'}",
+        f"data.tokenizer_dir={REPO / 'data' / 'tokenizer'}",
+        "data.val_fraction=0.3",
+    ]
+
+
+def run_train_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def train_in_process(overrides: list[str], run_dir: Path) -> dict:
+    register_schema()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides + [f"run_dir={run_dir}"])
+    return train(OmegaConf.to_object(cfg))
+
+
+def test_moe_run_from_the_cli_writes_metrics_checkpoints_and_an_offline_wandb_run(tmp_path, corpus_overrides):
+    run_dir = tmp_path / "run"
+    result = run_train_cli(TINY + corpus_overrides + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["model"] == "moe"
+    for key in ("val_loss", "val_ppl", "train_tokens", "params_total", "params_active", "tokens_per_sec", "wall_time_s"):
+        assert key in metrics
+    assert metrics["params_active"] < metrics["params_total"]
+    assert metrics["train_tokens"] == 6 * 4 * 32
+    assert metrics["val_ppl"] == pytest.approx(torch.exp(torch.tensor(metrics["val_loss"])).item(), rel=1e-5)
+
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()  # the resolved config
+    wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1
+    # The offline run's record log stores metric names as plain protobuf strings.
+    records = next(wandb_runs[0].glob("run-*.wandb")).read_bytes()
+    for key in (
+        "moe/layer0/expert0_share",
+        "moe/layer1/max_load_violation",
+        "moe/layer0/router_entropy",
+        "moe/usage_heatmap",
+        "train/aux_loss",
+        "train/z_loss",
+        "train/tokens_per_sec",
+        "val/ppl",
+        "lr-AdamW",
+    ):
+        assert key.encode() in records, key
+
+
+def test_dense_run_has_equal_total_and_active_parameters(tmp_path, corpus_overrides):
+    metrics = train_in_process(TINY + corpus_overrides + ["model=dense", "logger=csv"], tmp_path)
+    assert metrics["model"] == "dense"
+    assert metrics["params_active"] == metrics["params_total"]
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, corpus_overrides):
+    overrides = TINY + corpus_overrides + ["logger=none"]
+    train_in_process(overrides + ["trainer.max_steps=3"], tmp_path)
+    step = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert step == 3
+    metrics = train_in_process(overrides + ["trainer.max_steps=6", "resume=last"], tmp_path)
+    assert metrics["steps"] == 6
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_new_run_refuses_a_directory_that_has_checkpoints(tmp_path, corpus_overrides):
+    overrides = TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2"]
+    train_in_process(overrides, tmp_path)
+    before = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    result = run_train_cli(overrides + [f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "already holds checkpoints" in result.stderr and "resume=last" in result.stderr
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.moe.top_k=9", "model.moe.top_k=9 must be between 1 and model.moe.num_experts=4"),
+        ("resume=/nonexistent/last.ckpt", "resume=/nonexistent/last.ckpt: no checkpoint"),
+        ("data.paths=[/nonexistent/*.txt]", "/nonexistent/*.txt"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, corpus_overrides, override, message):
+    result = run_train_cli(TINY + corpus_overrides + ["logger=none", override, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moe_gpt.config import register_schema
+from moe_gpt.lit_module import GPTLightningModule
 from moe_gpt.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +108,14 @@ def test_dense_run_has_equal_total_and_active_parameters(tmp_path, corpus_overri
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
+def test_checkpoint_loads_back_into_a_module(tmp_path, corpus_overrides):
+    train_in_process(TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2"], tmp_path)
+    module = GPTLightningModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert module.model.config.use_moe and module.model.config.moe.num_experts == 4
+    logits = module.model(torch.zeros(1, 8, dtype=torch.long)).logits
+    assert logits.shape == (1, 8, 50304)
+
+
 def test_resume_continues_from_the_last_checkpoint(tmp_path, corpus_overrides):
     overrides = TINY + corpus_overrides + ["logger=none"]
     train_in_process(overrides + ["trainer.max_steps=3"], tmp_path)
@@ -141,3 +150,24 @@ def test_bad_input_is_a_one_line_error(tmp_path, corpus_overrides, override, mes
     error_lines = [line for line in result.stderr.splitlines() if "ERROR" in line]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_default_run_lowers_validation_loss_on_the_stdlib_corpus(tmp_path):
+    """The default config (MoE, stdlib corpus, mini model), shortened to 40 steps."""
+    overrides = [
+        "logger=csv",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=20",
+        "trainer.limit_val_batches=4",
+        f"data.tokenizer_dir={REPO / 'data' / 'tokenizer'}",
+        f"data.cache_dir={REPO / 'data' / 'tokens'}",
+    ]
+    metrics = train_in_process(overrides, tmp_path)
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    val_losses = [float(r.split(",")[header.index("val/loss")]) for r in rows[1:] if r.split(",")[header.index("val/loss")]]
+    assert len(val_losses) >= 2
+    assert val_losses[-1] < val_losses[0] < 10.0
+    assert metrics["val_loss"] < 7.5  # from ln(50304) = 10.8 at initialisation
+    assert metrics["params_active"] < metrics["params_total"]

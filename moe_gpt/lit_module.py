@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from moe_gpt.config import GPTConfig, MoEConfig, OptimConfig
+from moe_gpt.config import ConfigError, GPTConfig, MoEConfig, OptimConfig
 from moe_gpt.model import GPT
 
 
@@ -88,3 +89,12 @@ def _as_gpt_config(config: GPTConfig | dict) -> GPTConfig:
     if isinstance(config, GPTConfig):
         return config
     return GPTConfig(**{**config, "moe": MoEConfig(**config["moe"])})
+
+
+def load_model(checkpoint_path: str | Path, map_location: str = "cpu") -> GPT:
+    """The GPT inside a training checkpoint, in eval mode (for generation and analysis)."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist; pass a .ckpt from a run's checkpoints/ folder")
+    module = GPTLightningModule.load_from_checkpoint(path, map_location=map_location, weights_only=False)
+    return module.model.eval()

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moe_gpt.config import register_schema
-from moe_gpt.lit_module import GPTLightningModule
+from moe_gpt.lit_module import load_model
 from moe_gpt.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,9 +110,9 @@ def test_dense_run_has_equal_total_and_active_parameters(tmp_path, corpus_overri
 
 def test_checkpoint_loads_back_into_a_module(tmp_path, corpus_overrides):
     train_in_process(TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2"], tmp_path)
-    module = GPTLightningModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert module.model.config.use_moe and module.model.config.moe.num_experts == 4
-    logits = module.model(torch.zeros(1, 8, dtype=torch.long)).logits
+    model = load_model(tmp_path / "checkpoints" / "last.ckpt")
+    assert model.config.use_moe and model.config.moe.num_experts == 4 and not model.training
+    logits = model(torch.zeros(1, 8, dtype=torch.long)).logits
     assert logits.shape == (1, 8, 50304)
 
 

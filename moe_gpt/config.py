@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ACTIVATIONS = ("gelu", "relu", "swish", "tanh")
 LOAD_BALANCE_TYPES = ("switch", "variance", "none")
 
@@ -33,6 +35,11 @@ def _check_positive(**values: float) -> None:
 
 def _check_dropout(key: str, value: float) -> None:
     _require(0.0 <= value < 1.0, f"{key}={value} must be in [0, 1)")
+
+
+def project_path(path: str) -> str:
+    """Relative paths count from the project root, so runs started anywhere share one cache."""
+    return str(PROJECT_ROOT / Path(path).expanduser())
 
 
 @dataclass
@@ -163,12 +170,13 @@ class DataConfig:
     max_documents: Optional[int] = None  # stop after this many documents (required when streaming)
     val_fraction: float = 0.02  # share of documents held out for validation
     encoding_errors: str = "strict"  # undecodable bytes in local files: strict (error) | replace (count logged)
-    cache_dir: str = "data/tokens"  # token arrays, keyed by corpus and tokenizer
-    tokenizer_dir: str = "data/tokenizer"  # offline GPT-2 BPE ranks (scripts/fetch_tokenizer.py)
+    cache_dir: str = "data/tokens"  # token arrays, keyed by corpus and tokenizer (relative: to the project root)
+    tokenizer_dir: str = "data/tokenizer"  # offline GPT-2 BPE ranks, from scripts/fetch_tokenizer.py (same)
     batch_size: int = 16
     num_workers: int = 0  # DataLoader workers; reading a memory map is cheap, 0 is usually fastest
 
     def __post_init__(self) -> None:
+        self.cache_dir, self.tokenizer_dir = project_path(self.cache_dir), project_path(self.tokenizer_dir)
         _require(
             self.corpus in ("stdlib", "text", "hub"),
             f"data.corpus={self.corpus!r} is unknown; choose stdlib, text or hub",
@@ -276,6 +284,7 @@ class RunConfig:
     run_dir: str = "outputs/run"  # set by Hydra to its job directory
     resume: Optional[str] = None  # checkpoint path, or "last" for <run_dir>/checkpoints/last.ckpt
     compile: bool = False  # torch.compile the model (GPU; slow to start on CPU)
+    init_from: Optional[str] = None  # start from a .ckpt or an HF GPT-2 dir/hub name (dense -> MoE: upcycled)
 
 
 def register_schema() -> None:

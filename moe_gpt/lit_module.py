@@ -31,9 +31,12 @@ class GPTLightningModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self._last_batch_end = None
         self.start_step = 0  # global step this fit started from (non-zero when resumed)
+        self.val_history: list[dict[str, float]] = []  # one entry per validation during fit
+        self._fit_started = time.perf_counter()
 
     def on_train_start(self) -> None:
         self.start_step = self.trainer.global_step
+        self._fit_started = time.perf_counter()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -61,6 +64,15 @@ class GPTLightningModule(L.LightningModule):
         val_loss = self.val_loss.compute()
         self.val_loss.reset()
         self.log_dict({"val/loss": val_loss, "val/ppl": torch.exp(val_loss)}, prog_bar=True, sync_dist=True)
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            # For loss-against-tokens and loss-against-time curves (scripts/compare.py).
+            self.val_history.append(
+                {
+                    "step": self.trainer.global_step,
+                    "seconds": time.perf_counter() - self._fit_started,
+                    "val_loss": val_loss.item(),
+                }
+            )
 
     def configure_optimizers(self):
         cfg = self.optim_config

@@ -46,6 +46,8 @@ class CausalSelfAttention(nn.Module):
     def _causal_mask(t_query: int, t_key: int, device: torch.device) -> dict[str, Any]:
         if t_query == t_key:
             return {"is_causal": True}  # no cache: the fused kernels' own causal mask
+        if t_query == 1:
+            return {}  # one new token sees every cached key: no mask, so the fast kernels apply
         # With a cache, query i sits at absolute position (t_key - t_query + i).
         return {"attn_mask": torch.ones(t_query, t_key, dtype=torch.bool, device=device).tril(t_key - t_query)}
 

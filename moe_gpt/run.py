@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from moe_gpt.config import ConfigError, LoggerConfig, RunConfig, config_warnings
 from moe_gpt.data import TokenDataModule
 from moe_gpt.expert_usage import ExpertUsageLogger
+from moe_gpt.init_from import initial_weights
 from moe_gpt.lit_module import GPTLightningModule
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,12 @@ def train(cfg: RunConfig, resolved_config: Optional[dict[str, Any]] = None) -> d
     for warning in config_warnings(cfg.model):
         log.warning(warning)
     L.seed_everything(cfg.seed, workers=True)
+    init_state = initial_weights(cfg)  # before the data: a bad init_from fails fast
 
     datamodule = TokenDataModule(cfg.data, block_size=cfg.model.block_size, seed=cfg.seed)
     module = GPTLightningModule(cfg.model, cfg.optim, max_steps=cfg.trainer.max_steps)
+    if init_state is not None:
+        module.model.load_state_dict(init_state)
     if cfg.compile:
         module.model = torch.compile(module.model)
     model_kind = "moe" if cfg.model.use_moe else "dense"
@@ -125,6 +129,17 @@ def summarize(
         "params_active": module.model.num_active_parameters(),
         "tokens_per_sec": tokens_this_fit / fit_seconds,
         "wall_time_s": wall_seconds,
+        "peak_memory_mb": peak_memory_mb(),
         "corpus": cfg.data.name,
         "corpus_train_tokens": datamodule.train_tokens,
+        "val_history": [{**entry, "tokens": entry["step"] * tokens_per_step} for entry in module.val_history],
     }
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated when on CUDA, else this process's peak resident memory."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,12 +1,14 @@
 """Shared test fixtures."""
 
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from moe_gpt.config import DataConfig
+from moe_gpt.config import DataConfig, GPTConfig, LoggerConfig, OptimConfig, RunConfig, TrainerConfig
 
 # Set before datasets / huggingface_hub are imported: tests never reach the network, and
 # the tokenizer always comes from the local ranks file, the same on every machine.
@@ -50,3 +52,106 @@ def text_corpus(tmp_path: Path, gpt2) -> Callable[..., DataConfig]:  # gpt2: fai
         return DataConfig(**{**settings, **overrides})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> DataConfig:
+    """A few stdlib modules as a local text corpus with its own token cache, shared by the session."""
+    import json.decoder
+    import json.encoder
+    import subprocess
+    import textwrap
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    for module in (textwrap, json.decoder, json.encoder, subprocess):
+        (root / f"{Path(module.__file__).stem}.txt").write_text(Path(module.__file__).read_text())
+    return DataConfig(
+        corpus="text",
+        name="tiny",
+        paths=[str(root / "*.txt")],
+        cache_dir=str(root / "tokens"),
+        tokenizer_dir=str(TOKENIZER_DIR),
+        val_fraction=0.3,
+        batch_size=4,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_run_config(tiny_corpus) -> Callable[..., RunConfig]:
+    """Factory: a RunConfig for a 2-layer, 32-wide GPT-2 trained 2 steps on the CPU (a real run in seconds).
+
+    The model is dense unless ``model=`` says otherwise; any other RunConfig field can be given.
+    """
+
+    def make(run_dir: Path, **fields) -> RunConfig:
+        settings = dict(
+            model=GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
+            data=tiny_corpus,
+            optim=OptimConfig(warmup_steps=1),
+            trainer=TrainerConfig(accelerator="cpu", devices=1, max_steps=2, val_check_interval=2, limit_val_batches=1),
+            logger=LoggerConfig(kind="none"),
+            run_dir=str(run_dir),
+        )
+        return RunConfig(**{**settings, **fields})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_run_config) -> Path:
+    """``last.ckpt`` of the tiny dense GPT-2 after 2 steps of the real Lightning Trainer."""
+    from moe_gpt.run import train
+
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    train(tiny_run_config(run_dir))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2_dir(tmp_path_factory) -> Path:
+    """A random ``transformers`` GPT-2 (2 layers, 32 wide, 32 positions, GPT-2's vocabulary) saved with save_pretrained."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50257))
+    with torch.no_grad():
+        # HF starts biases at 0 and LayerNorm gains at 1: random values make any mixed-up weight visible.
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.1)
+    directory = tmp_path_factory.mktemp("hf_gpt2")
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def corpus_overrides(tmp_path_factory) -> list[str]:
+    """A small local text corpus (a few stdlib modules, copied at test time) and its own cache dir."""
+    import json as json_module
+    import subprocess
+    import textwrap
+
+    root = tmp_path_factory.mktemp("corpus")
+    for module in (textwrap, json_module.decoder, json_module.encoder, subprocess):
+        (root / f"{Path(module.__file__).stem}.txt").write_text(Path(module.__file__).read_text())
+    return [
+        "data=text",
+        "data.name=e2e",
+        f"data.paths=[{root}/*.txt]",
+        f"data.cache_dir={root / 'tokens'}",
+        f"data.tokenizer_dir={TOKENIZER_DIR}",
+        "data.val_fraction=0.3",
+    ]
+
+
+@pytest.fixture(scope="session")
+def load_script() -> Callable[[str], ModuleType]:
+    """Factory: import ``scripts/<name>.py`` as a module, so its ``main(argv)`` runs in-process."""
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(f"script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,11 +1,7 @@
 """Config validation and Hydra composition of the real configs/ tree."""
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from moe_gpt.config import (
     ConfigError,
@@ -17,10 +13,8 @@ from moe_gpt.config import (
     RunConfig,
     TrainerConfig,
     config_warnings,
-    register_schema,
 )
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from moe_gpt.compose import compose_run_config
 
 
 @pytest.mark.parametrize(
@@ -72,10 +66,7 @@ def test_warnings_for_top_k_equal_to_experts_and_many_experts_on_small_model():
 
 
 def compose_run(overrides: list[str]) -> RunConfig:
-    register_schema()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides + ["run_dir=unused"])
-    return OmegaConf.to_object(cfg)
+    return compose_run_config(overrides)
 
 
 def test_default_config_is_moe_on_stdlib_cpu_wandb():

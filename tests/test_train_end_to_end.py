@@ -1,71 +1,12 @@
 """train.py end to end: real Hydra, real Lightning Trainer, real W&B (offline), real token cache."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from moe_gpt.config import register_schema
 from moe_gpt.lit_module import load_model
-from moe_gpt.run import train
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model/size=mini",
-    "model.n_layer=2",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.block_size=32",
-    "model.moe.num_experts=4",
-    "data.batch_size=4",
-    "trainer.max_steps=6",
-    "trainer.val_check_interval=3",
-    "trainer.limit_val_batches=2",
-    "trainer.log_every_n_steps=1",
-    "optim.warmup_steps=2",
-    "logger.expert_stats_every_n_steps=2",
-    "logger.heatmap_every_n_steps=2",
-]
-
-
-@pytest.fixture(scope="module")
-def corpus_overrides(tmp_path_factory) -> list[str]:
-    """A small local text corpus (a few stdlib modules, copied at test time) and its own cache dir."""
-    import json as json_module
-    import textwrap
-
-    root = tmp_path_factory.mktemp("corpus")
-    for module in (textwrap, json_module.decoder, json_module.encoder, subprocess):
-        (root / f"{Path(module.__file__).stem}.txt").write_text(Path(module.__file__).read_text())
-    return [
-        "data=text",
-        "data.name=e2e",
-        f"data.paths=[{root}/*.txt]",
-        f"data.cache_dir={root / 'tokens'}",
-        f"data.tokenizer_dir={REPO / 'data' / 'tokenizer'}",
-        "data.val_fraction=0.3",
-    ]
-
-
-def run_train_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
-def train_in_process(overrides: list[str], run_dir: Path) -> dict:
-    register_schema()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides + [f"run_dir={run_dir}"])
-    return train(OmegaConf.to_object(cfg))
-
+from tests.helpers import REPO, TINY, run_train_cli, train_in_process
 
 def test_moe_run_from_the_cli_writes_metrics_checkpoints_and_an_offline_wandb_run(tmp_path, corpus_overrides):
     run_dir = tmp_path / "run"

@@ -1,0 +1,63 @@
+"""``init_from``: the weights a new training run starts from instead of a random init."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from torch import Tensor
+
+from moe_gpt.config import ConfigError, GPTConfig, RunConfig
+from moe_gpt.hf import load_hf_gpt2
+from moe_gpt.lit_module import load_model
+from moe_gpt.model import GPT
+from moe_gpt.upcycle import upcycle
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE_KEYS = ("n_layer", "n_embd", "n_head", "block_size", "vocab_size", "bias")
+MOE_KEYS = ("num_experts", "every_n_layers")
+
+
+def initial_weights(cfg: RunConfig) -> Optional[dict[str, Tensor]]:
+    """A state dict for ``GPT(cfg.model)`` from ``cfg.init_from``, upcycled when a dense source meets an MoE run.
+
+    None without ``init_from``, and when resuming: the resumed checkpoint's weights win.
+    """
+    if cfg.init_from is None:
+        return None
+    if cfg.resume is not None:
+        log.warning("init_from=%s ignored: resuming from resume=%s, whose weights win", cfg.init_from, cfg.resume)
+        return None
+    source = load_source(cfg.init_from)
+    check_compatible(source.config, cfg.model, cfg.init_from)
+    if cfg.model.use_moe and not source.config.use_moe:
+        log.info("init_from=%s: upcycling its dense MLPs into %d experts", cfg.init_from, cfg.model.moe.num_experts)
+        source = upcycle(source, cfg.model.moe)
+    else:
+        log.info("init_from=%s: starting from its weights", cfg.init_from)
+    return source.state_dict()
+
+
+def load_source(init_from: str) -> GPT:
+    """A training checkpoint (``.ckpt``) or an HF GPT-2 (``save_pretrained`` directory or hub name)."""
+    try:
+        return load_model(init_from) if init_from.endswith(".ckpt") else load_hf_gpt2(init_from)
+    except ConfigError as error:
+        raise ConfigError(f"init_from={init_from}: {error}") from None
+
+
+def check_compatible(source: GPTConfig, run: GPTConfig, init_from: str) -> None:
+    """The source's weights must fit the run's model exactly; the error names the first key that differs."""
+    differences = [(f"model.{key}", getattr(source, key), getattr(run, key)) for key in ARCHITECTURE_KEYS]
+    if source.use_moe and not run.use_moe:
+        raise ConfigError(f"init_from={init_from} is an MoE model; start a dense run from a dense one, or set model=moe")
+    if source.use_moe:
+        differences += [(f"model.moe.{key}", getattr(source.moe, key), getattr(run.moe, key)) for key in MOE_KEYS]
+        differences.append(("model.moe.hidden_size", source.ffn_hidden_size, run.ffn_hidden_size))
+    for key, source_value, run_value in differences:
+        if source_value != run_value:
+            raise ConfigError(
+                f"init_from={init_from} has {key}={source_value} but this run has {key}={run_value}; "
+                f"set {key}={source_value}"
+            )

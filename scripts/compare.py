@@ -1,0 +1,199 @@
+"""Dense vs MoE on equal terms: same data, token budget and seed, matched active parameters.
+
+Trains each variant with train.py (one process each, so peak memory is per run), then writes
+<out>/report.md with a table (parameters, FLOPs per token, val loss and perplexity, tokens/s,
+peak memory, wall time), val loss against tokens and against time (PNG), and an expert-usage
+heatmap per MoE variant. All runs share one W&B group.
+
+    python scripts/compare.py                                     # small default, ~15 min on 2 CPU cores
+    python scripts/compare.py --variants dense,moe:8:2,moe:16:1:swish data=shakespeare trainer.max_steps=2000
+    python scripts/compare.py --match none model.moe.hidden_size=256   # keep the configured expert width
+
+A variant is ``dense`` or ``moe:E:K[:activation]``. Matching (``--match active``, the default):
+each expert is 4*n_embd/K wide, so a token's K experts hold as many parameters as the dense FFN.
+Everything else is a train.py override applied to every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_gpt.analysis import flops_per_token, routing_report
+from moe_gpt.compose import compose_run_config
+from moe_gpt.config import ConfigError, RunConfig
+from moe_gpt.data import DataError, TokenDataModule
+from moe_gpt.expert_usage import usage_heatmap_png
+from moe_gpt.lit_module import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_DEFAULT = ["trainer.max_steps=100", "trainer.val_check_interval=25", "trainer.limit_val_batches=10"]
+HEATMAP_WINDOWS = 16  # validation windows routed for each usage heatmap
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: list[str]
+
+
+def parse_variant(spec: str, n_embd: int, match: str) -> Variant:
+    """``dense`` or ``moe:E:K[:activation]`` -> the overrides that build it."""
+    if spec == "dense":
+        return Variant("dense", ["model=dense"])
+    parts = spec.split(":")
+    if parts[0] != "moe" or len(parts) not in (3, 4) or not (parts[1].isdigit() and parts[2].isdigit()):
+        raise ConfigError(f"variant {spec!r} is not 'dense' or 'moe:E:K[:activation]', e.g. moe:8:2 or moe:4:1:swish")
+    experts, top_k = int(parts[1]), int(parts[2])
+    overrides = ["model=moe", f"model.moe.num_experts={experts}", f"model.moe.top_k={top_k}"]
+    if len(parts) == 4:
+        overrides.append(f"model.moe.activation={parts[3]}")
+    if match == "active":
+        if (4 * n_embd) % top_k:
+            raise ConfigError(f"variant {spec}: 4*n_embd={4 * n_embd} is not divisible by top_k={top_k}; use --match none")
+        overrides.append(f"model.moe.hidden_size={4 * n_embd // top_k}")
+    return Variant(spec.replace(":", "-"), overrides)
+
+
+def merge_overrides(defaults: list[str], user: list[str]) -> list[str]:
+    """User overrides replace defaults for the same key (Hydra rejects a key given twice)."""
+    user_keys = {override.split("=", 1)[0] for override in user}
+    return [o for o in defaults if o.split("=", 1)[0] not in user_keys] + user
+
+
+def train_variant(variant: Variant, base: list[str], run_dir: Path, group: str) -> dict:
+    """Run train.py for one variant; its metrics.json, or a failure with the error line."""
+    command = [sys.executable, str(REPO / "train.py"), *base, *variant.overrides, f"hydra.run.dir={run_dir}", f"logger.group={group}"]
+    print(f"[compare] {variant.name}: {' '.join(command[2:])}", flush=True)
+    result = subprocess.run(command, cwd=REPO, env=os.environ, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        reason = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "no output")
+        return {"status": "failed", "reason": reason}
+    return {"status": "ok", **json.loads((run_dir / "metrics.json").read_text())}
+
+
+def usage_heatmap(run_dir: Path, run: RunConfig, out_path: Path) -> None:
+    """Route a few validation windows through the best checkpoint and draw layer x expert shares."""
+    model = load_model(run_dir / "checkpoints" / "best.ckpt")
+    datamodule = TokenDataModule(run.data, block_size=run.model.block_size, seed=run.seed)
+    datamodule.setup("validate")
+    count = min(HEATMAP_WINDOWS, len(datamodule.val_dataset))
+    idx = torch.stack([datamodule.val_dataset[i][0] for i in range(count)])
+    report = routing_report(model, idx)
+    out_path.write_bytes(usage_heatmap_png([layer["expert_share"] for layer in report["moe_layers"]]))
+
+
+def plot_curves(rows: list[dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for x_key, label, filename in (("tokens", "training tokens", "val_loss_vs_tokens.png"), ("seconds", "wall-clock seconds", "val_loss_vs_time.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for row in rows:
+            history = row.get("val_history", [])
+            ax.plot([h[x_key] for h in history], [h["val_loss"] for h in history], marker="o", label=row["variant"])
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.savefig(out_dir / filename, bbox_inches="tight", dpi=100)
+        plt.close(fig)
+
+
+TABLE_COLUMNS = [
+    ("variant", "variant", "{}"),
+    ("params_total", "total params (M)", "{:.2f}"),
+    ("params_active", "active params (M)", "{:.2f}"),
+    ("train_gflops_per_token", "train GFLOPs/token", "{:.4f}"),
+    ("val_loss", "val loss", "{:.4f}"),
+    ("val_ppl", "val ppl", "{:.2f}"),
+    ("tokens_per_sec", "tokens/s", "{:.0f}"),
+    ("peak_memory_mb", "peak memory (MiB)", "{:.0f}"),
+    ("wall_time_s", "wall time (s)", "{:.0f}"),
+]
+
+
+def table_row(row: dict) -> list[str]:
+    if row["status"] != "ok":
+        return [row["variant"]] + [f"failed: {row['reason']}"] + [""] * (len(TABLE_COLUMNS) - 2)
+    scaled = {**row, "params_total": row["params_total"] / 1e6, "params_active": row["params_active"] / 1e6}
+    return [fmt.format(scaled[key]) for key, _, fmt in TABLE_COLUMNS]
+
+
+def write_report(rows: list[dict], out_dir: Path, command: str, match: str) -> str:
+    header = [title for _, title, _ in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(table_row(row)) + " |" for row in rows]
+    table = "\n".join(lines)
+    rule = (
+        "each expert is 4*n_embd/top_k wide, so the top_k experts a token uses hold as many parameters as the dense FFN"
+        if match == "active"
+        else "none: experts keep the configured width"
+    )
+    heatmaps = "\n".join(f"![{r['variant']}](usage_{r['variant']}.png)" for r in rows if r.get("model") == "moe")
+    report = (
+        f"# Dense vs MoE\n\nCommand: `{command}`\n\nActive-parameter matching: {rule}. Same data, token budget and seed "
+        f"for every variant; val loss is pure cross-entropy on the held-out split.\n\n{table}\n\n"
+        "![val loss vs tokens](val_loss_vs_tokens.png) ![val loss vs time](val_loss_vs_time.png)\n\n"
+        f"Expert usage (share of token-slots per layer and expert, best checkpoint, validation text):\n\n{heatmaps}\n"
+    )
+    (out_dir / "report.md").write_text(report)
+    with open(out_dir / "report.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["status"] + [key for key, _, _ in TABLE_COLUMNS])
+        for row in rows:
+            writer.writerow([row["status"]] + [row.get(key, "") for key, _, _ in TABLE_COLUMNS])
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="train.py overrides applied to every variant")
+    parser.add_argument("--variants", default="dense,moe:4:1,moe:8:2", help="comma-separated variants")
+    parser.add_argument("--match", choices=["active", "none"], default="active")
+    parser.add_argument("--out", default=None, help="report directory (default: outputs/compare/<date_time>)")
+    args = parser.parse_args()
+    try:
+        run(args)
+    except (ConfigError, DataError) as error:
+        sys.exit(f"error: {error}")
+
+
+def run(args: argparse.Namespace) -> None:
+    name = time.strftime("compare-%Y-%m-%d_%H-%M-%S")
+    out_dir = Path(args.out) if args.out else REPO / "outputs" / "compare" / name
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"--out {out_dir} is not empty; choose a new directory so earlier reports are kept")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = merge_overrides(SMALL_DEFAULT, args.overrides)
+    n_embd = compose_run_config(base).model.n_embd
+    variants = [parse_variant(spec, n_embd, args.match) for spec in args.variants.split(",")]  # all checked before training
+    configs = {v.name: compose_run_config(base + v.overrides) for v in variants}
+    rows = []
+    for variant in variants:
+        run_config = configs[variant.name]
+        result = train_variant(variant, base, out_dir / variant.name, group=name)
+        row = {"variant": variant.name, **result}
+        row["train_gflops_per_token"] = flops_per_token(run_config.model)["train_flops_per_token"] / 1e9
+        if result["status"] == "ok" and run_config.model.use_moe:
+            usage_heatmap(out_dir / variant.name, run_config, out_dir / f"usage_{variant.name}.png")
+        rows.append(row)
+    plot_curves([r for r in rows if r["status"] == "ok"], out_dir)
+    command = "python scripts/compare.py " + " ".join(sys.argv[1:])
+    print(write_report(rows, out_dir, command.strip(), args.match))
+    print(f"[compare] report: {out_dir / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Export a dense training checkpoint as a Hugging Face GPT-2 (``GPT2LMHeadModel.from_pretrained`` loads it).
+
+    python scripts/export_hf.py --checkpoint outputs/dense/<run>/checkpoints/best.ckpt --out exports/my-gpt2
+    python scripts/export_hf.py --checkpoint path/to/last.ckpt --out exports/my-gpt2 --overwrite
+
+MoE checkpoints have no HF GPT-2 equivalent and are refused. A non-empty --out is refused
+unless --overwrite is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from moe_gpt.config import ConfigError
+from moe_gpt.hf import export_hf_gpt2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a dense moe-gpt checkpoint in Hugging Face GPT-2 format.")
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt from a dense run's checkpoints/ folder")
+    parser.add_argument("--out", required=True, help="directory to write config.json and model.safetensors into")
+    parser.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")
+    args = parser.parse_args(argv)
+    from moe_gpt.lit_module import load_model  # imports Lightning (seconds): not needed for --help
+
+    try:
+        directory = export_hf_gpt2(load_model(args.checkpoint), args.out, overwrite=args.overwrite)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} to {directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

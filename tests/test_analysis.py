@@ -1,0 +1,96 @@
+"""Costs of a config and routing reports, checked against the model itself."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_gpt.analysis import flops_per_token, memory_estimate, parameter_counts, recommended_settings, routing_report
+from moe_gpt.config import GPTConfig, MoEConfig
+from moe_gpt.model import GPT
+
+from tests.helpers import REPO, TINY, train_in_process
+
+
+def small(use_moe=True, **moe) -> GPTConfig:
+    return GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, use_moe=use_moe, moe=MoEConfig(**{"num_experts": 4, "top_k": 2, **moe}))
+
+
+def test_parameter_counts_match_a_built_model():
+    model = GPT(small())
+    assert parameter_counts(small()) == {"params_total": model.num_parameters(), "params_active": model.num_active_parameters()}
+
+
+def test_gpt2_small_has_124m_parameters():
+    counts = parameter_counts(GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768))
+    assert counts["params_total"] == pytest.approx(124.4e6, rel=0.001)
+
+
+def test_matched_moe_has_dense_flops_plus_router():
+    dense = flops_per_token(small(use_moe=False))["forward_flops_per_token"]
+    matched = flops_per_token(small(top_k=2, hidden_size=64))["forward_flops_per_token"]  # 2 experts of 64 = 4*32
+    assert matched - dense == 2 * 2 * 32 * 4  # the router's matmul in each of 2 layers
+    assert flops_per_token(small())["train_flops_per_token"] == 3 * flops_per_token(small())["forward_flops_per_token"]
+
+
+def test_flops_grow_with_top_k_not_with_expert_count():
+    base = flops_per_token(small(num_experts=4, top_k=1))["forward_flops_per_token"]
+    more_experts = flops_per_token(small(num_experts=8, top_k=1))["forward_flops_per_token"]
+    more_active = flops_per_token(small(num_experts=4, top_k=2))["forward_flops_per_token"]
+    assert more_experts - base == 2 * 2 * 32 * 4  # router only
+    assert more_active - base == 2 * 2 * (2 * 32 * 128)
+
+
+def test_memory_estimate_scales_activations_with_batch_and_sums():
+    one, four = memory_estimate(small(), 1), memory_estimate(small(), 4)
+    assert four["activations_mib"] == pytest.approx(4 * one["activations_mib"])
+    assert four["weights_mib"] == one["weights_mib"]
+    assert one["total_mib"] == pytest.approx(sum(v for k, v in one.items() if k != "total_mib"))
+    with pytest.raises(ValueError, match="precision"):
+        memory_estimate(small(), 1, "fp8")
+
+
+def test_recommendations_are_advice_for_the_size():
+    advice = recommended_settings(small())
+    assert any("num_experts 2-4, top_k 1" in line for line in advice)
+    assert any("current: num_experts=4, top_k=2" in line for line in advice)
+
+
+def test_routing_report_shares_sum_to_one_per_layer():
+    report = routing_report(GPT(small()).eval(), torch.randint(0, 50257, (2, 16)))
+    assert len(report["moe_layers"]) == 2
+    for layer in report["moe_layers"]:
+        assert sum(layer["expert_share"]) == pytest.approx(1.0)
+        assert 1.0 <= layer["switch_balance_loss"] <= 4.0
+
+
+def test_analyze_config_cli_prints_costs_as_json():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "analyze.py"), "config", "model.moe.num_experts=4", "model.moe.top_k=1"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    report = json.loads(result.stdout)
+    assert report["params_active"] < report["params_total"]
+    assert report["memory_estimate"]["batch_size"] == 16 and report["advice"]
+
+
+def test_analyze_routing_cli_reports_a_checkpoint(tmp_path, corpus_overrides):
+    train_in_process(TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2"], tmp_path)
+    command = [
+        sys.executable, str(REPO / "scripts" / "analyze.py"), "routing",
+        "--checkpoint", str(tmp_path / "checkpoints" / "last.ckpt"), "--text", "def main():\n    return 0\n", "--intermediate",
+    ]
+    report = json.loads(subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert len(report["moe_layers"]) == 2
+    assert set(report["moe_layers"][0]["intermediate"]) >= {"gate_scores", "top_k_indices", "expert_usage"}
+
+
+def test_analyze_routing_cli_missing_checkpoint_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "analyze.py"), "routing", "--checkpoint", str(tmp_path / "no.ckpt"), "--text", "x"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'no.ckpt'} does not exist; pass a .ckpt from a run's checkpoints/ folder"]

@@ -1,0 +1,75 @@
+"""scripts/compare.py: variant parsing, active-parameter matching, and a tiny real comparison."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from moe_gpt.analysis import parameter_counts
+from moe_gpt.compose import compose_run_config
+from moe_gpt.config import ConfigError
+from tests.helpers import REPO, TINY
+
+sys.path.insert(0, str(REPO / "scripts"))
+from compare import merge_overrides, parse_variant  # noqa: E402
+
+
+def test_dense_variant_is_the_dense_model():
+    assert parse_variant("dense", 128, "active").overrides == ["model=dense"]
+
+
+def test_moe_variant_sets_experts_top_k_activation_and_matched_width():
+    variant = parse_variant("moe:8:2:swish", 128, "active")
+    assert variant.name == "moe-8-2-swish"
+    assert variant.overrides == [
+        "model=moe",
+        "model.moe.num_experts=8",
+        "model.moe.top_k=2",
+        "model.moe.activation=swish",
+        "model.moe.hidden_size=256",
+    ]
+    assert "model.moe.hidden_size=256" not in parse_variant("moe:8:2", 128, "none").overrides
+
+
+@pytest.mark.parametrize("spec", ["moe", "moe:8", "moe:x:2", "sparse:8:2", "moe:8:2:gelu:extra"])
+def test_malformed_variant_is_an_error(spec):
+    with pytest.raises(ConfigError, match="moe:E:K"):
+        parse_variant(spec, 128, "active")
+
+
+@pytest.mark.parametrize("spec", ["moe:4:1", "moe:8:2", "moe:16:4"])
+def test_matched_variants_have_the_dense_active_parameter_count(spec):
+    dense = compose_run_config(["model=dense"]).model
+    moe = compose_run_config(parse_variant(spec, dense.n_embd, "active").overrides).model
+    router = moe.n_layer * moe.n_embd * moe.moe.num_experts
+    extra_output_biases = moe.n_layer * (moe.moe.top_k - 1) * moe.n_embd  # each active expert has its own
+    assert parameter_counts(moe)["params_active"] == parameter_counts(dense)["params_active"] + router + extra_output_biases
+
+
+def test_user_overrides_replace_defaults_for_the_same_key():
+    merged = merge_overrides(["trainer.max_steps=100", "trainer.limit_val_batches=10"], ["trainer.max_steps=7", "data=text"])
+    assert merged == ["trainer.limit_val_batches=10", "trainer.max_steps=7", "data=text"]
+
+
+@pytest.mark.slow
+def test_tiny_comparison_writes_report_table_and_plots(tmp_path, corpus_overrides):
+    out = tmp_path / "report"
+    command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), "--variants", "dense,moe:4:2"]
+    result = subprocess.run(command + TINY + corpus_overrides + ["logger=csv"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [(r["variant"], r["status"]) for r in rows] == [("dense", "ok"), ("moe-4-2", "ok")]
+    assert rows[0]["params_active"] == rows[0]["params_total"] and rows[1]["params_active"] < rows[1]["params_total"]
+    for name in ("report.md", "val_loss_vs_tokens.png", "val_loss_vs_time.png", "usage_moe-4-2.png"):
+        assert (out / name).is_file(), name
+    assert "| moe-4-2 |" in (out / "report.md").read_text()
+
+
+def test_comparison_refuses_a_non_empty_output_directory(tmp_path):
+    (tmp_path / "report.md").write_text("an earlier report")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and "is not empty" in result.stderr
+    assert (tmp_path / "report.md").read_text() == "an earlier report"

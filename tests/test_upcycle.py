@@ -1,0 +1,161 @@
+"""Sparse upcycling (dense GPT -> MoE GPT) and training from ``init_from``."""
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from transformers import GPT2LMHeadModel
+
+from moe_gpt.config import ConfigError, GPTConfig, MoEConfig, register_schema
+from moe_gpt.init_from import check_compatible, initial_weights
+from moe_gpt.lit_module import load_model
+from moe_gpt.model import GPT, MLP
+from moe_gpt.run import train
+from moe_gpt.upcycle import upcycle
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32)
+# The run model of conftest's tiny_run_config, made MoE: the size of the hf_gpt2_dir and tiny_checkpoint models.
+TINY_RUN_MOE = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, use_moe=True, moe=MoEConfig(num_experts=4))
+
+
+def random_dense() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    with torch.no_grad():  # nonzero biases and gains: a weight left behind by the upcycling changes the logits
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.1)
+    return model
+
+
+def logits(model: GPT) -> torch.Tensor:
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(idx).logits
+
+
+@pytest.mark.parametrize(
+    "num_experts,top_k,every_n_layers", [(1, 1, 1), (2, 1, 1), (4, 2, 1), (8, 3, 1), (4, 4, 1), (4, 2, 2)]
+)
+def test_upcycled_model_computes_what_the_dense_model_did(num_experts, top_k, every_n_layers):
+    dense = random_dense()
+    moe = upcycle(dense, MoEConfig(num_experts=num_experts, top_k=top_k, every_n_layers=every_n_layers))
+    assert moe.config.use_moe and len(moe.moe_layers()) == 2 // every_n_layers and not moe.training
+    torch.testing.assert_close(logits(moe), logits(dense), rtol=1e-4, atol=1e-5)
+
+
+def test_without_normalized_top_k_the_upcycled_model_differs():
+    dense = random_dense()
+    moe = upcycle(dense, MoEConfig(num_experts=4, top_k=2, normalize_top_k=False))
+    assert not torch.allclose(logits(moe), logits(dense), rtol=1e-4, atol=1e-5)
+
+
+def test_experts_copy_the_dense_mlp_the_router_starts_fresh_and_dense_blocks_stay():
+    dense = random_dense()
+    moe = upcycle(dense, MoEConfig(num_experts=4, every_n_layers=2))
+    assert isinstance(moe.transformer.h[0].mlp, MLP)  # (0 + 1) % 2 != 0: stays dense
+    experts, mlp = moe.transformer.h[1].mlp.experts, dense.transformer.h[1].mlp
+    for expert in range(4):
+        assert torch.equal(experts.c_fc_weight[expert], mlp.c_fc.weight)
+        assert torch.equal(experts.c_proj_bias[expert], mlp.c_proj.bias)
+    router = moe.transformer.h[1].mlp.router.gate.weight
+    assert router.std().item() == pytest.approx(0.02, rel=0.2)  # GPT-2's init, not the dense weights' 0.1
+
+
+@pytest.mark.parametrize(
+    "model,moe,message",
+    [
+        (replace(TINY, use_moe=True), MoEConfig(), "already has MoE layers"),
+        (TINY, MoEConfig(hidden_size=64), "model.moe.hidden_size=64"),
+        (TINY, MoEConfig(activation="relu"), "model.moe.activation=relu"),
+    ],
+)
+def test_upcycle_refuses_what_it_cannot_copy_with_a_one_line_error(model, moe, message):
+    with pytest.raises(ConfigError) as error:
+        upcycle(GPT(model), moe)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_init_from_a_hf_directory_upcycles_into_the_run_model(hf_gpt2_dir, tiny_run_config, tmp_path):
+    state = initial_weights(tiny_run_config(tmp_path, model=TINY_RUN_MOE, init_from=str(hf_gpt2_dir)))
+    GPT(TINY_RUN_MOE).load_state_dict(state)  # strict: every key and shape of the run's model
+    hf_state = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).state_dict()
+    assert torch.equal(state["transformer.wpe.weight"], hf_state["transformer.wpe.weight"])
+    for expert in range(4):  # HF's Conv1D holds (in, out)
+        assert torch.equal(state["transformer.h.1.mlp.experts.c_fc_weight"][expert], hf_state["transformer.h.1.mlp.c_fc.weight"].t())
+
+
+def test_init_from_a_trained_checkpoint_keeps_its_weights(tiny_checkpoint, tiny_run_config, tmp_path):
+    source = load_model(tiny_checkpoint)
+    state = initial_weights(tiny_run_config(tmp_path, init_from=str(tiny_checkpoint)))  # dense run from dense
+    assert state.keys() == source.state_dict().keys()
+    assert all(torch.equal(state[key], value) for key, value in source.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        ({"n_embd": 64}, "model.n_embd"),
+        ({"n_layer": 3}, "model.n_layer"),
+        ({"n_head": 4}, "model.n_head"),
+        ({"block_size": 16}, "model.block_size"),
+        ({"vocab_size": 1000}, "model.vocab_size"),
+    ],
+)
+def test_init_from_a_model_of_another_size_is_a_one_line_error_naming_the_key(
+    hf_gpt2_dir, tiny_run_config, tmp_path, change, key
+):
+    cfg = tiny_run_config(tmp_path, model=replace(TINY_RUN_MOE, **change), init_from=str(hf_gpt2_dir))
+    with pytest.raises(ConfigError) as error:
+        initial_weights(cfg)
+    assert f"this run has {key}={change[key.split('.')[-1]]}" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "run,message",
+    [
+        (replace(TINY_RUN_MOE, use_moe=False), "is an MoE model; start a dense run from a dense one"),
+        (replace(TINY_RUN_MOE, moe=MoEConfig(num_experts=8)), "model.moe.num_experts=4 but this run has model.moe.num_experts=8"),
+        (replace(TINY_RUN_MOE, moe=MoEConfig(num_experts=4, hidden_size=64)), "model.moe.hidden_size=128 but this run has model.moe.hidden_size=64"),
+    ],
+)
+def test_an_moe_source_must_match_the_run_moe_layers(run, message):
+    with pytest.raises(ConfigError, match=message):
+        check_compatible(TINY_RUN_MOE, run, "source.ckpt")
+
+
+def test_missing_init_from_source_is_a_one_line_error(tiny_run_config, tmp_path):
+    cfg = tiny_run_config(tmp_path, init_from="/nonexistent/last.ckpt")
+    with pytest.raises(ConfigError) as error:
+        initial_weights(cfg)
+    assert str(error.value).startswith("init_from=/nonexistent/last.ckpt: ") and "\n" not in str(error.value)
+
+
+def test_init_from_is_ignored_with_a_log_line_when_resuming(hf_gpt2_dir, tiny_run_config, tmp_path, caplog):
+    cfg = tiny_run_config(tmp_path, init_from=str(hf_gpt2_dir), resume="last")
+    with caplog.at_level(logging.WARNING, logger="moe_gpt.init_from"):
+        assert initial_weights(cfg) is None
+    assert f"init_from={hf_gpt2_dir} ignored: resuming" in caplog.text
+
+
+def test_init_from_is_a_command_line_key():
+    register_schema()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        assert compose(config_name="config").init_from is None
+        cfg = compose(config_name="config", overrides=["init_from=gpt2", "run_dir=x"])
+    assert OmegaConf.to_object(cfg).init_from == "gpt2"
+
+
+def test_training_an_moe_model_upcycled_from_a_hf_gpt2(hf_gpt2_dir, tiny_run_config, tmp_path):
+    metrics = train(tiny_run_config(tmp_path, model=TINY_RUN_MOE, init_from=str(hf_gpt2_dir)))
+    assert metrics["model"] == "moe" and metrics["steps"] == 2
+    assert json.loads((tmp_path / "metrics.json").read_text())["model"] == "moe"
+    trained = load_model(tmp_path / "checkpoints" / "last.ckpt")
+    hf_wpe = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).transformer.wpe.weight
+    # Two AdamW steps at lr <= 1e-3 move a weight by ~2e-3; a fresh init would be ~0.1 away.
+    assert (trained.transformer.wpe.weight - hf_wpe).abs().max() < 0.01

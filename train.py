@@ -58,8 +58,11 @@ def sweep_objective(metrics: dict) -> float:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from moe_gpt.run import train  # after Hydra parsed the CLI: --help stays instant
+    # Imported after Hydra parsed the command line, so --help and --cfg stay instant.
+    from moe_gpt.console import tidy_lightning_logging
+    from moe_gpt.run import train
 
+    tidy_lightning_logging()
     hydra_cfg = HydraConfig.get()
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:

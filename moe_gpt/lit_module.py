@@ -33,6 +33,12 @@ class GPTLightningModule(L.LightningModule):
         self.start_step = 0  # global step this fit started from (non-zero when resumed)
         self.val_history: list[dict[str, float]] = []  # one entry per validation during fit
         self._fit_started = time.perf_counter()
+        # One sequence through forward() lets Lightning's model summary report FLOPs and sizes.
+        self.example_input_array = torch.zeros(1, model_config.block_size, dtype=torch.long)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Logits for token ids (B, T); training and validation steps call the GPT directly."""
+        return self.model(idx).logits
 
     def on_train_start(self) -> None:
         self.start_step = self.trainer.global_step

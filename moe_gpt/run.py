@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from moe_gpt.config import ConfigError, LoggerConfig, RunConfig, config_warnings
+from moe_gpt.console import StepProgressBar
 from moe_gpt.data import TokenDataModule
 from moe_gpt.expert_usage import ExpertUsageLogger
 from moe_gpt.init_from import initial_weights
@@ -78,7 +79,11 @@ def train(cfg: RunConfig, resolved_config: Optional[dict[str, Any]] = None) -> d
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1, save_last=True
     )
-    callbacks = [checkpoint, ExpertUsageLogger(cfg.logger.expert_stats_every_n_steps, cfg.logger.heatmap_every_n_steps)]
+    callbacks = [
+        checkpoint,
+        ExpertUsageLogger(cfg.logger.expert_stats_every_n_steps, cfg.logger.heatmap_every_n_steps),
+        StepProgressBar(),
+    ]
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = L.Trainer(

@@ -8,6 +8,7 @@ import torch
 from moe_gpt.lit_module import load_model
 from tests.helpers import REPO, TINY, run_train_cli, train_in_process
 
+
 def test_moe_run_from_the_cli_writes_metrics_checkpoints_and_an_offline_wandb_run(tmp_path, corpus_overrides):
     run_dir = tmp_path / "run"
     result = run_train_cli(TINY + corpus_overrides + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
@@ -40,6 +41,12 @@ def test_moe_run_from_the_cli_writes_metrics_checkpoints_and_an_offline_wandb_ru
         "lr-AdamW",
     ):
         assert key.encode() in records, key
+
+    # What the terminal shows: each Lightning message once (also in train.log), no adverts, FLOPs.
+    assert result.stderr.count("Seed set to 1337") == 1
+    assert "Seed set to 1337" in (run_dir / "train.log").read_text()
+    assert "💡" not in result.stderr + result.stdout
+    assert "Total FLOPs: 0" not in result.stdout
 
 
 def test_dense_run_has_equal_total_and_active_parameters(tmp_path, corpus_overrides):

@@ -53,7 +53,12 @@ def memory_estimate(config: GPTConfig, batch_size: int, precision: str = "32-tru
     # projections (~10 d), plus the FFN's hidden activations (before and after the nonlinearity).
     ffn_width = [config.moe.top_k * h + config.moe.num_experts if config.is_moe_layer(i) else 4 * d for i in range(config.n_layer)]
     activations = tokens * act_bytes * sum(10 * d + 2 * w for w in ffn_width)
-    logits = tokens * config.padded_vocab_size * 4 * 2  # float32 logits and their gradient
+    # float32 logits and their gradient: for the whole batch, or for one chunk of the chunked loss
+    # (which also keeps a float32 gradient of the output weight).
+    if config.loss_chunk_size > 0:
+        logits = min(tokens, config.loss_chunk_size) * config.padded_vocab_size * 4 * 2 + d * config.padded_vocab_size * 4
+    else:
+        logits = tokens * config.padded_vocab_size * 4 * 2
     mib = 2**20
     estimate = {
         "weights_mib": params * BYTES_PER_PARAM[precision] / mib,

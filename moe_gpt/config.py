@@ -93,8 +93,15 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     use_moe: bool = False  # False: dense GPT-2 MLP in every block
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # Tokens per chunk when the training loss runs the output layer and cross-entropy together
+    # (moe_gpt/lm_loss.py), never holding the full (tokens x vocabulary) logits; 0: the plain path.
+    loss_chunk_size: int = 512
 
     def __post_init__(self) -> None:
+        _require(
+            self.loss_chunk_size >= 0,
+            f"model.loss_chunk_size={self.loss_chunk_size} must be >= 0 (0 computes the loss from full logits)",
+        )
         _check_positive(
             **{
                 "model.block_size": self.block_size,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_gpt.config import GPTConfig
+from moe_gpt.lm_loss import IGNORE_INDEX, chunked_lm_loss
 from moe_gpt.moe import ACTIVATION_FUNCTIONS, MoELayer
 
 KVCache = tuple[Tensor, Tensor]  # keys and values, each (B, n_head, T_past, head_dim)
@@ -108,7 +109,9 @@ class Block(nn.Module):
 
 @dataclass
 class GPTOutput:
-    logits: Tensor  # (B, T, padded_vocab)
+    # (B, T, padded_vocab); None when targets were given and model.loss_chunk_size > 0 (the default):
+    # the loss is then computed without materialising them. Call without targets for logits.
+    logits: Optional[Tensor]
     lm_loss: Optional[Tensor] = None  # cross-entropy, when targets were given
     aux_loss: Optional[Tensor] = None  # load-balance loss averaged over MoE layers (0 when dense)
     z_loss: Optional[Tensor] = None  # router z-loss averaged over MoE layers (0 when dense)
@@ -167,18 +170,28 @@ class GPT(nn.Module):
             out = block(x, use_cache, None if past_kv is None else past_kv[i], return_intermediate)
             outputs.append(out)
             x = out.x
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab)
+        x = self.transformer.ln_f(x)
         result = GPTOutput(
-            logits=logits,
+            logits=self._logits_unless_chunked_loss(x, targets),
             cache=[o.cache for o in outputs] if use_cache else None,
             intermediate=[o.intermediate for o in outputs] if return_intermediate else [],
         )
-        result.aux_loss, result.z_loss = self._mean_router_losses(outputs, logits)
+        result.aux_loss, result.z_loss = self._mean_router_losses(outputs, x)
         if targets is not None:
-            result.lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            result.lm_loss = self._lm_loss(x, result.logits, targets)
             moe = self.config.moe
             result.loss = result.lm_loss + moe.aux_loss_coef * result.aux_loss + moe.z_loss_coef * result.z_loss
         return result
+
+    def _logits_unless_chunked_loss(self, x: Tensor, targets: Optional[Tensor]) -> Optional[Tensor]:
+        if targets is not None and self.config.loss_chunk_size > 0:
+            return None  # the loss is computed a chunk at a time, without the full (B, T, V) logits
+        return self.lm_head(x)  # (B, T, padded_vocab)
+
+    def _lm_loss(self, x: Tensor, logits: Optional[Tensor], targets: Tensor) -> Tensor:
+        if logits is None:
+            return chunked_lm_loss(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.loss_chunk_size)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
     @staticmethod
     def _mean_router_losses(outputs: list[BlockOutput], like: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,14 @@ import sys
 from pathlib import Path
 
 import torch
-from moe_gpt.analysis import flops_per_token, memory_estimate, parameter_counts, recommended_settings, routing_report
+
+from moe_gpt.analysis import (
+    flops_per_token,
+    memory_estimate,
+    parameter_counts,
+    recommended_settings,
+    routing_report,
+)
 from moe_gpt.compose import compose_run_config
 from moe_gpt.config import ConfigError, config_warnings
 from moe_gpt.data import DataError, load_gpt2_tokenizer

@@ -1,8 +1,10 @@
-"""Time full training steps of a composed config, with and without huge-page CPU allocations.
+"""Time full training steps of a composed config against the two memory settings that speed them up.
 
-Each setting runs in its own process (torch reads THP_MEM_ALLOC_ENABLE once per process), the
-two alternate, and the script prints the median step time of each and their ratio, measured in
-one run. Any train.py override selects the model:
+Settings: the defaults; huge-page CPU allocations off (THP_MEM_ALLOC_ENABLE=0); the loss from full
+logits instead of the chunked output layer + cross-entropy (model.loss_chunk_size=0). Each runs in
+its own process (torch reads THP_MEM_ALLOC_ENABLE once per process), the settings alternate, and
+the script prints each one's median step time and its ratio to the defaults, measured in one run.
+Any train.py override selects the model:
 
     python scripts/bench_train_step.py                        # the default MoE run's model and batch
     python scripts/bench_train_step.py model=dense --steps 10 --rounds 3
@@ -21,8 +23,11 @@ import time
 WORKER_FLAG = "--worker"
 
 
-def time_steps(overrides: list[str], steps: int) -> list[float]:
-    """Seconds per optimizer step (forward, backward, AdamW) on random tokens, after one warm-up step."""
+def time_steps(overrides: list[str], steps: int) -> dict:
+    """Seconds per optimizer step (forward, backward, AdamW) on random tokens after one warm-up
+    step, and the process's peak resident memory."""
+    import resource
+
     import torch
 
     from moe_gpt.compose import compose_run_config
@@ -41,12 +46,22 @@ def time_steps(overrides: list[str], steps: int) -> list[float]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
-    return seconds[1:]
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return {"seconds": seconds[1:], "peak_mb": peak_mb}
 
 
-def run_worker(overrides: list[str], steps: int, thp: str) -> list[float]:
-    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": thp}
-    command = [sys.executable, __file__, WORKER_FLAG, "--steps", str(steps), *overrides]
+# name -> (environment, extra overrides)
+SETTINGS = {
+    "defaults": ({"THP_MEM_ALLOC_ENABLE": "1"}, []),
+    "huge pages off": ({"THP_MEM_ALLOC_ENABLE": "0"}, []),
+    "full logits": ({"THP_MEM_ALLOC_ENABLE": "1"}, ["model.loss_chunk_size=0"]),
+}
+
+
+def run_worker(overrides: list[str], steps: int, setting: str) -> dict:
+    env_changes, extra_overrides = SETTINGS[setting]
+    env = {**os.environ, **env_changes}
+    command = [sys.executable, __file__, WORKER_FLAG, "--steps", str(steps), *overrides, *extra_overrides]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         sys.exit(f"benchmark worker failed: {result.stderr.strip().splitlines()[-1]}")
@@ -62,15 +77,21 @@ def main() -> None:
     if args.worker:
         print(json.dumps(time_steps(overrides, args.steps)))
         return
-    times: dict[str, list[float]] = {"1": [], "0": []}
+    times: dict[str, list[float]] = {setting: [] for setting in SETTINGS}
+    peak_mb = {setting: 0.0 for setting in SETTINGS}
     for _ in range(args.rounds):
-        for thp in times:
-            times[thp] += run_worker(overrides, args.steps, thp)
-    on, off = statistics.median(times["1"]), statistics.median(times["0"])
+        for setting in SETTINGS:
+            result = run_worker(overrides, args.steps, setting)
+            times[setting] += result["seconds"]
+            peak_mb[setting] = max(peak_mb[setting], result["peak_mb"])
+    medians = {setting: statistics.median(values) for setting, values in times.items()}
     print(f"overrides: {' '.join(overrides) or '(default run)'}; {args.rounds} x {args.steps} steps per setting")
-    print("| huge pages | median s/step |\n|---|---|")
-    print(f"| on (default) | {on:.3f} |\n| off | {off:.3f} |")
-    print(f"off / on: {off / on:.2f}x")
+    print("| setting | median s/step | time / defaults | peak RSS MiB | memory / defaults |\n|---|---|---|---|---|")
+    for setting, seconds in medians.items():
+        print(
+            f"| {setting} | {seconds:.3f} | {seconds / medians['defaults']:.2f}x "
+            f"| {peak_mb[setting]:.0f} | {peak_mb[setting] / peak_mb['defaults']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="directory to write config.json and model.safetensors into")
     parser.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")
     args = parser.parse_args(argv)
-    from moe_gpt.lit_module import load_model  # imports Lightning (seconds): not needed for --help
+    from moe_gpt.lit_module import (
+        load_model,  # imports Lightning (seconds): not needed for --help
+    )
 
     try:
         directory = export_hf_gpt2(load_model(args.checkpoint), args.out, overwrite=args.overwrite)

@@ -54,7 +54,9 @@ def sample_texts(args: argparse.Namespace) -> list[str]:
     """Decoded samples (prompt included) for the parsed command line."""
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples {args.num_samples} must be >= 1")
-    from moe_gpt.lit_module import load_model  # imports Lightning (seconds): not needed for --help
+    from moe_gpt.lit_module import (
+        load_model,  # imports Lightning (seconds): not needed for --help
+    )
 
     device = resolve_device(args.device)
     tokenizer = load_gpt2_tokenizer(args.tokenizer_dir)

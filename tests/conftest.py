@@ -8,7 +8,14 @@ from types import ModuleType
 
 import pytest
 
-from moe_gpt.config import DataConfig, GPTConfig, LoggerConfig, OptimConfig, RunConfig, TrainerConfig
+from moe_gpt.config import (
+    DataConfig,
+    GPTConfig,
+    LoggerConfig,
+    OptimConfig,
+    RunConfig,
+    TrainerConfig,
+)
 
 # Set before datasets / huggingface_hub are imported: tests never reach the network, and
 # the tokenizer always comes from the local ranks file, the same on every machine.

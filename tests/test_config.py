@@ -3,6 +3,7 @@
 import pytest
 from hydra.errors import ConfigCompositionException
 
+from moe_gpt.compose import compose_run_config
 from moe_gpt.config import (
     ConfigError,
     DataConfig,
@@ -14,7 +15,6 @@ from moe_gpt.config import (
     TrainerConfig,
     config_warnings,
 )
-from moe_gpt.compose import compose_run_config
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,7 @@ from moe_gpt.compose import compose_run_config
         (lambda: GPTConfig(n_layer=0), "model.n_layer"),
         (lambda: GPTConfig(block_size=-4), "model.block_size"),
         (lambda: GPTConfig(dropout=-0.1), "model.dropout"),
+        (lambda: GPTConfig(loss_chunk_size=-1), "model.loss_chunk_size"),
         (lambda: DataConfig(corpus="web"), "data.corpus"),
         (lambda: DataConfig(corpus="text"), "data.paths"),
         (lambda: DataConfig(corpus="hub"), "data.hub_path"),

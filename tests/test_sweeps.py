@@ -80,7 +80,9 @@ def test_unexpected_error_in_a_single_run_keeps_its_traceback_and_is_recorded(tm
 
 
 def test_a_diverged_run_is_the_worst_objective_never_nan():
-    from train import sweep_objective  # hydra-optuna-sweeper ends the whole study on a NaN
+    from train import (
+        sweep_objective,  # hydra-optuna-sweeper ends the whole study on a NaN
+    )
 
     assert sweep_objective({"val_loss": float("nan")}) == math.inf
     assert sweep_objective({"val_loss": 2.5}) == 2.5

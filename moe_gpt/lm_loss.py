@@ -1,0 +1,103 @@
+"""The output layer and its cross-entropy, a chunk of tokens at a time.
+
+With GPT-2's 50k-token vocabulary the logits are the largest tensors in training: for the mini
+model a 2,048-token batch has 412 MB of float32 logits, and autograd keeps them, their
+log-softmax and their gradient alive at once. Here the loss never holds more than one chunk of
+logits: the forward pass computes each chunk's loss *and* its gradients with respect to the hidden
+states and the output weight right away (softmax minus one-hot is the whole gradient of
+cross-entropy), so backward only scales what was stored. Same FLOPs as the plain path (one matmul
+forward, two for the gradients), less memory traffic; tests hold it to ``F.cross_entropy``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -1  # targets with this value add nothing to the loss (as F.cross_entropy's ignore_index)
+
+
+def chunked_lm_loss(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, over targets not IGNORE_INDEX.
+
+    hidden: (N, C) final hidden states; weight: (V, C) output embedding; targets: (N,) token ids.
+    Under autocast the matmuls run in the autocast dtype and the softmax in float32, as in the plain path.
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LossAndGradients.apply(hidden, weight, targets, chunk_size)
+    return _loss_only(hidden, weight, targets, chunk_size)
+
+
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+def _chunks(hidden: Tensor, targets: Tensor, chunk_size: int):
+    for start in range(0, hidden.shape[0], chunk_size):
+        yield start, hidden[start : start + chunk_size], targets[start : start + chunk_size]
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor) -> Tensor:
+    logits = hidden @ weight.t()  # (n, V)
+    return logits.to(_softmax_dtype(logits.dtype))
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # bf16/fp16 -> float32; float64 stays
+
+
+def _chunk_loss_sum(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed cross-entropy of one chunk; also the log-sum-exp and the mask of counted targets."""
+    counted = targets != IGNORE_INDEX
+    safe_targets = targets.clamp(min=0)
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1)
+    return ((log_normalizer - target_logits) * counted).sum(), log_normalizer, counted
+
+
+def _counted(targets: Tensor) -> Tensor:
+    # All targets ignored gives 0 (F.cross_entropy gives nan): nothing to learn is not an error.
+    return (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _loss_only(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    dtype = _compute_dtype(hidden)
+    total = hidden.new_zeros((), dtype=_softmax_dtype(dtype))
+    for _, hidden_chunk, target_chunk in _chunks(hidden, targets, chunk_size):
+        logits = _chunk_logits(hidden_chunk.to(dtype), weight.to(dtype))
+        total += _chunk_loss_sum(logits, target_chunk)[0]
+    return total / _counted(targets)
+
+
+class _LossAndGradients(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+        dtype = _compute_dtype(hidden)
+        weight_c = weight.to(dtype)
+        counted_total = _counted(targets)
+        total = hidden.new_zeros((), dtype=_softmax_dtype(dtype))
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=_softmax_dtype(weight.dtype))
+        for start, hidden_chunk, target_chunk in _chunks(hidden, targets, chunk_size):
+            hidden_c = hidden_chunk.to(dtype)
+            logits = _chunk_logits(hidden_c, weight_c)
+            loss_sum, log_normalizer, counted = _chunk_loss_sum(logits, target_chunk)
+            total += loss_sum
+            # d(mean loss)/d(logits) = (softmax - one_hot(target)) / counted targets, in place.
+            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
+            rows = torch.arange(len(target_chunk), device=logits.device)
+            grad_logits[rows, target_chunk.clamp(min=0)] -= 1
+            grad_logits.mul_((counted / counted_total)[:, None])
+            grad_logits = grad_logits.to(dtype)
+            grad_hidden[start : start + len(target_chunk)] = grad_logits @ weight_c
+            grad_weight += grad_logits.t() @ hidden_c
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total / counted_total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None

@@ -1,0 +1,87 @@
+"""The chunked output layer + cross-entropy equals the plain path in loss and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_gpt.config import GPTConfig, MoEConfig
+from moe_gpt.lm_loss import IGNORE_INDEX, chunked_lm_loss
+from moe_gpt.model import GPT
+
+
+def plain_loss(hidden, weight, targets):
+    return F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX)
+
+
+def inputs(tokens=37, width=16, vocab=96, ignored=(3, 4, 20)):
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, width, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, width, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(vocab, (tokens,))
+    targets[list(ignored)] = IGNORE_INDEX
+    return hidden, weight, targets
+
+
+def loss_and_grads(loss_fn, hidden, weight, targets, scale=1.0):
+    hidden.grad = weight.grad = None
+    loss = loss_fn(hidden, weight, targets)
+    (scale * loss).backward()
+    return loss.detach(), hidden.grad.clone(), weight.grad.clone()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 37, 64])  # one token, uneven chunks, exact, one chunk
+def test_loss_and_gradients_equal_cross_entropy(chunk_size):
+    hidden, weight, targets = inputs()
+    expected = loss_and_grads(plain_loss, hidden, weight, targets, scale=3.0)
+    chunked = loss_and_grads(lambda *a: chunked_lm_loss(*a, chunk_size), hidden, weight, targets, scale=3.0)
+    for got, want in zip(chunked, expected):
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-6, atol=1e-9)
+
+
+def test_without_gradients_only_the_loss_is_computed():
+    hidden, weight, targets = inputs()
+    with torch.no_grad():
+        loss = chunked_lm_loss(hidden, weight, targets, 8)
+        torch.testing.assert_close(loss, plain_loss(hidden, weight, targets))
+    assert not loss.requires_grad
+
+
+def test_all_targets_ignored_is_zero_loss_and_zero_gradients():
+    hidden, weight, targets = inputs(tokens=4, ignored=(0, 1, 2, 3))
+    loss, grad_hidden, grad_weight = loss_and_grads(lambda *a: chunked_lm_loss(*a, 2), hidden, weight, targets)
+    assert loss.item() == 0 and not grad_hidden.any() and not grad_weight.any()
+
+
+def test_bf16_autocast_runs_the_matmuls_in_bf16_and_stays_close():
+    hidden, weight, targets = inputs()
+    hidden, weight = (t.detach().float().requires_grad_() for t in (hidden, weight))
+    expected = loss_and_grads(plain_loss, hidden, weight, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = loss_and_grads(lambda *a: chunked_lm_loss(*a, 8), hidden, weight, targets)
+    assert chunked[1].dtype == torch.float32 and chunked[2].dtype == torch.float32
+    for got, want in zip(chunked, expected):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_model_training_loss_and_every_gradient_match_the_full_logits_path(use_moe):
+    def run(chunk_size):
+        config = GPTConfig(
+            block_size=16, n_layer=2, n_head=2, n_embd=32, use_moe=use_moe, moe=MoEConfig(4, 2), loss_chunk_size=chunk_size
+        )
+        torch.manual_seed(0)
+        model = GPT(config)
+        idx = torch.randint(config.vocab_size, (3, 16))
+        targets = idx.roll(-1, dims=1)
+        targets[:, -1] = IGNORE_INDEX
+        out = model(idx, targets)
+        out.loss.backward()
+        return out, {name: p.grad for name, p in model.named_parameters()}
+
+    chunked, chunked_grads = run(10)
+    full, full_grads = run(0)
+    assert chunked.logits is None and full.logits.shape == (3, 16, 50304)
+    torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-5, atol=1e-6)
+    assert chunked_grads.keys() == full_grads.keys()
+    for name, grad in chunked_grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -5,7 +5,7 @@ Trains each variant with train.py (one process each, so peak memory is per run),
 peak memory, wall time), val loss against tokens and against time (PNG), and an expert-usage
 heatmap per MoE variant. All runs share one W&B group.
 
-    python scripts/compare.py                                     # small default, ~11 min on 2 CPU cores
+    python scripts/compare.py                                     # small default, ~10 min on 2 CPU cores
     python scripts/compare.py --variants dense,moe:8:2,moe:16:1:swish data=shakespeare trainer.max_steps=2000
     python scripts/compare.py --match none model.moe.hidden_size=256   # keep the configured expert width
 

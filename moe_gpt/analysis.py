@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from moe_gpt.config import GPTConfig
+from moe_gpt.config import ConfigError, GPTConfig
 from moe_gpt.model import GPT
 from moe_gpt.moe import switch_load_balance_loss
 
@@ -44,7 +44,7 @@ def flops_per_token(config: GPTConfig) -> dict[str, int]:
 def memory_estimate(config: GPTConfig, batch_size: int, precision: str = "32-true") -> dict[str, float]:
     """Training memory in MiB: weights, gradients, AdamW state, activations and logits for one batch."""
     if precision not in BYTES_PER_PARAM:
-        raise ValueError(f"precision={precision!r} is unknown; choose one of {', '.join(BYTES_PER_PARAM)}")
+        raise ConfigError(f"trainer.precision={precision!r} is unknown; choose one of {', '.join(BYTES_PER_PARAM)}")
     params = parameter_counts(config)["params_total"]
     tokens = batch_size * config.block_size
     act_bytes = ACTIVATION_BYTES[precision]
@@ -100,7 +100,7 @@ def routing_report(model: GPT, idx: torch.Tensor, include_intermediate: bool = F
         counts = moe["expert_outputs"]["tokens_per_expert"].float()
         layer = {
             "block": block_index,
-            "expert_share": (counts / counts.sum()).tolist(),
+            "expert_share": moe["expert_usage"]["token_share"].tolist(),
             "mean_gate_prob": moe["expert_usage"]["mean_gate_prob"].tolist(),
             "switch_balance_loss": switch_load_balance_loss(moe["gate_scores"], counts).item(),
             "z_loss": moe["z_loss"].item(),

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from moe_gpt.config import RunConfig, register_schema
+from moe_gpt.config import PROJECT_ROOT, RunConfig, register_schema
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = PROJECT_ROOT / "configs"
 
 
 def compose_run_config(overrides: list[str], run_dir: str = "unused") -> RunConfig:

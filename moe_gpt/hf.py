@@ -58,7 +58,11 @@ def load_hf_gpt2(source: str) -> GPT:
     location = locate(source)
     hf_config = _load_hf_config(location, source)
     config = gpt_config_from_hf(hf_config, source)
-    hf_model = GPT2LMHeadModel.from_pretrained(location, config=hf_config)
+    try:
+        hf_model = GPT2LMHeadModel.from_pretrained(location, config=hf_config)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(f"{source}: no GPT-2 weights could be read ({reason})") from None
     model = GPT(config)
     model.load_state_dict(state_dict_from_hf(hf_model.state_dict(), config))
     return model.eval()

@@ -36,8 +36,12 @@ def _compute_dtype(tensor: Tensor) -> torch.dtype:
 
 
 def _chunks(hidden: Tensor, targets: Tensor, chunk_size: int):
+    """(start, hidden chunk, target ids with ignored ones as 0, mask of counted targets) per chunk."""
+    counted = targets != IGNORE_INDEX
+    safe_targets = targets.clamp(min=0)
     for start in range(0, hidden.shape[0], chunk_size):
-        yield start, hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        end = start + chunk_size
+        yield start, hidden[start:end], safe_targets[start:end], counted[start:end]
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor) -> Tensor:
@@ -49,52 +53,53 @@ def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # bf16/fp16 -> float32; float64 stays
 
 
-def _chunk_loss_sum(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Summed cross-entropy of one chunk; also the log-sum-exp and the mask of counted targets."""
-    counted = targets != IGNORE_INDEX
-    safe_targets = targets.clamp(min=0)
+def _chunk_loss_sum(logits: Tensor, safe_targets: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy of one chunk's counted targets, and its log-sum-exp per token."""
     log_normalizer = torch.logsumexp(logits, dim=-1)
     target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1)
-    return ((log_normalizer - target_logits) * counted).sum(), log_normalizer, counted
+    return ((log_normalizer - target_logits) * counted).sum(), log_normalizer
 
 
-def _counted(targets: Tensor) -> Tensor:
+def _counted_total(targets: Tensor) -> Tensor:
     # All targets ignored gives 0 (F.cross_entropy gives nan): nothing to learn is not an error.
     return (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def _loss_only(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
     dtype = _compute_dtype(hidden)
+    weight_c = weight.to(dtype)
     total = hidden.new_zeros((), dtype=_softmax_dtype(dtype))
-    for _, hidden_chunk, target_chunk in _chunks(hidden, targets, chunk_size):
-        logits = _chunk_logits(hidden_chunk.to(dtype), weight.to(dtype))
-        total += _chunk_loss_sum(logits, target_chunk)[0]
-    return total / _counted(targets)
+    for _, hidden_chunk, safe_targets, counted in _chunks(hidden, targets, chunk_size):
+        total += _chunk_loss_sum(_chunk_logits(hidden_chunk.to(dtype), weight_c), safe_targets, counted)[0]
+    return total / _counted_total(targets)
 
 
 class _LossAndGradients(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
         dtype = _compute_dtype(hidden)
-        weight_c = weight.to(dtype)
-        counted_total = _counted(targets)
+        # float16 cannot hold softmax probabilities of ~1/50k scaled by 1/tokens (GradScaler scales
+        # the loss only after this), so its gradient matmuls run in float32; bfloat16 has the range.
+        grad_dtype = torch.float32 if dtype == torch.float16 else dtype
+        weight_c, weight_g = weight.to(dtype), weight.to(grad_dtype)
         total = hidden.new_zeros((), dtype=_softmax_dtype(dtype))
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=_softmax_dtype(weight.dtype))
-        for start, hidden_chunk, target_chunk in _chunks(hidden, targets, chunk_size):
-            hidden_c = hidden_chunk.to(dtype)
-            logits = _chunk_logits(hidden_c, weight_c)
-            loss_sum, log_normalizer, counted = _chunk_loss_sum(logits, target_chunk)
+        rows = torch.arange(chunk_size, device=hidden.device)
+        for start, hidden_chunk, safe_targets, counted in _chunks(hidden, targets, chunk_size):
+            n = len(safe_targets)
+            logits = _chunk_logits(hidden_chunk.to(dtype), weight_c)
+            loss_sum, log_normalizer = _chunk_loss_sum(logits, safe_targets, counted)
             total += loss_sum
-            # d(mean loss)/d(logits) = (softmax - one_hot(target)) / counted targets, in place.
+            # d(summed loss)/d(logits) = softmax - one_hot(target) for counted targets, in place;
+            # the division by the number of counted targets happens once, after the loop.
             grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
-            rows = torch.arange(len(target_chunk), device=logits.device)
-            grad_logits[rows, target_chunk.clamp(min=0)] -= 1
-            grad_logits.mul_((counted / counted_total)[:, None])
-            grad_logits = grad_logits.to(dtype)
-            grad_hidden[start : start + len(target_chunk)] = grad_logits @ weight_c
-            grad_weight += grad_logits.t() @ hidden_c
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            grad_logits[rows[:n], safe_targets] -= 1
+            grad_logits = grad_logits.mul_(counted[:, None]).to(grad_dtype)
+            grad_hidden[start : start + n] = grad_logits @ weight_g
+            grad_weight += grad_logits.t() @ hidden_chunk.to(grad_dtype)
+        counted_total = _counted_total(targets)
+        ctx.save_for_backward(grad_hidden.div_(counted_total), grad_weight.div_(counted_total).to(weight.dtype))
         return total / counted_total
 
     @staticmethod

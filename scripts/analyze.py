@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from hydra.errors import HydraException
 
 from moe_gpt.analysis import (
     flops_per_token,
@@ -47,10 +48,10 @@ def analyze_routing(args: argparse.Namespace) -> None:
     if not text:
         raise ConfigError("routing needs --text or --text-file with some text")
     model = load_model(args.checkpoint)
+    if not model.moe_layers():
+        raise ConfigError(f"{args.checkpoint} is a dense model: it has no routing to report")
     ids = load_gpt2_tokenizer(args.tokenizer_dir).encode_ordinary(text)[: model.config.block_size]
     report = routing_report(model, torch.tensor([ids]), include_intermediate=args.intermediate)
-    if not report["moe_layers"]:
-        raise ConfigError(f"{args.checkpoint} is a dense model: it has no routing to report")
     print(json.dumps(to_jsonable(report), indent=2))
 
 
@@ -71,8 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     try:
         args.run(args)
-    except (ConfigError, DataError) as error:
-        sys.exit(f"error: {error}")
+    except (ConfigError, DataError, HydraException) as error:
+        sys.exit("error: " + " ".join(str(error).split()))  # one line, also for Hydra's multi-line messages
 
 
 if __name__ == "__main__":

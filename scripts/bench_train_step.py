@@ -26,12 +26,11 @@ WORKER_FLAG = "--worker"
 def time_steps(overrides: list[str], steps: int) -> dict:
     """Seconds per optimizer step (forward, backward, AdamW) on random tokens after one warm-up
     step, and the process's peak resident memory."""
-    import resource
-
     import torch
 
     from moe_gpt.compose import compose_run_config
     from moe_gpt.model import GPT
+    from moe_gpt.run import peak_memory_mb
 
     cfg = compose_run_config(overrides)
     torch.manual_seed(cfg.seed)
@@ -46,8 +45,7 @@ def time_steps(overrides: list[str], steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return {"seconds": seconds[1:], "peak_mb": peak_mb}
+    return {"seconds": seconds[1:], "peak_mb": peak_memory_mb()}
 
 
 # name -> (environment, extra overrides)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.errors import HydraException
 
 from moe_gpt.analysis import flops_per_token, routing_report
 from moe_gpt.compose import compose_run_config
@@ -54,6 +55,8 @@ def parse_variant(spec: str, n_embd: int, match: str) -> Variant:
     if parts[0] != "moe" or len(parts) not in (3, 4) or not (parts[1].isdigit() and parts[2].isdigit()):
         raise ConfigError(f"variant {spec!r} is not 'dense' or 'moe:E:K[:activation]', e.g. moe:8:2 or moe:4:1:swish")
     experts, top_k = int(parts[1]), int(parts[2])
+    if experts < 1 or top_k < 1:
+        raise ConfigError(f"variant {spec!r}: E and K must be at least 1, e.g. moe:8:2")
     overrides = ["model=moe", f"model.moe.num_experts={experts}", f"model.moe.top_k={top_k}"]
     if len(parts) == 4:
         overrides.append(f"model.moe.activation={parts[3]}")
@@ -166,8 +169,8 @@ def main() -> None:
     args = parser.parse_args()
     try:
         run(args)
-    except (ConfigError, DataError) as error:
-        sys.exit(f"error: {error}")
+    except (ConfigError, DataError, HydraException) as error:
+        sys.exit("error: " + " ".join(str(error).split()))  # one line, also for Hydra's multi-line messages
 
 
 def run(args: argparse.Namespace) -> None:
@@ -175,11 +178,14 @@ def run(args: argparse.Namespace) -> None:
     out_dir = Path(args.out) if args.out else REPO / "outputs" / "compare" / name
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"--out {out_dir} is not empty; choose a new directory so earlier reports are kept")
-    out_dir.mkdir(parents=True, exist_ok=True)
     base = merge_overrides(SMALL_DEFAULT, args.overrides)
     n_embd = compose_run_config(base).model.n_embd
     variants = [parse_variant(spec, n_embd, args.match) for spec in args.variants.split(",")]  # all checked before training
+    names = [v.name for v in variants]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--variants {args.variants} lists a variant twice; give each once (runs would share a directory)")
     configs = {v.name: compose_run_config(base + v.overrides) for v in variants}
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for variant in variants:
         run_config = configs[variant.name]

@@ -19,7 +19,7 @@ import torch
 from moe_gpt.config import ConfigError
 from moe_gpt.data import DataError, load_gpt2_tokenizer
 from moe_gpt.data.tokenizer import ENDOFTEXT, GPT2_N_VOCAB
-from moe_gpt.generate import generate
+from moe_gpt.generate import check_sampling_arguments, generate
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -54,9 +54,9 @@ def sample_texts(args: argparse.Namespace) -> list[str]:
     """Decoded samples (prompt included) for the parsed command line."""
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples {args.num_samples} must be >= 1")
-    from moe_gpt.lit_module import (
-        load_model,  # imports Lightning (seconds): not needed for --help
-    )
+    check_sampling_arguments(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before slow loading
+    # Imports Lightning (seconds): not needed for --help.
+    from moe_gpt.lit_module import load_model
 
     device = resolve_device(args.device)
     tokenizer = load_gpt2_tokenizer(args.tokenizer_dir)

@@ -19,8 +19,8 @@ from moe_gpt.config import (
 
 # Set before datasets / huggingface_hub are imported: tests never reach the network, and
 # the tokenizer always comes from the local ranks file, the same on every machine.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # forced, not defaulted: tests never reach the network
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("MOE_GPT_TOKENIZER_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -73,3 +73,21 @@ def test_comparison_refuses_a_non_empty_output_directory(tmp_path):
     )
     assert result.returncode == 1 and "is not empty" in result.stderr
     assert (tmp_path / "report.md").read_text() == "an earlier report"
+
+
+def test_zero_experts_or_top_k_in_a_variant_is_an_error():
+    for spec in ("moe:0:1", "moe:8:0"):
+        with pytest.raises(ConfigError, match="at least 1"):
+            parse_variant(spec, 128, "active")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--variants", "dense,moe:4:1,dense"], "lists a variant twice"), (["model.moe.nope=1"], "nope")],
+)
+def test_bad_comparison_input_is_one_line_and_creates_nothing(tmp_path, args, message):
+    out = tmp_path / "report"
+    command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -11,7 +11,6 @@ from moe_gpt.config import (
     LoggerConfig,
     MoEConfig,
     OptimConfig,
-    RunConfig,
     TrainerConfig,
     config_warnings,
 )
@@ -66,55 +65,51 @@ def test_warnings_for_top_k_equal_to_experts_and_many_experts_on_small_model():
     assert config_warnings(GPTConfig(use_moe=False, moe=MoEConfig(num_experts=64, top_k=64))) == []
 
 
-def compose_run(overrides: list[str]) -> RunConfig:
-    return compose_run_config(overrides)
-
-
 def test_default_config_is_moe_on_stdlib_cpu_wandb():
-    run = compose_run([])
+    run = compose_run_config([])
     assert run.model.use_moe and run.data.corpus == "stdlib"
     assert run.trainer.accelerator == "cpu" and run.logger.kind == "wandb" and run.logger.mode == "offline"
 
 
 def test_command_line_selects_experts_top_k_and_activation():
-    run = compose_run(["model.moe.num_experts=16", "model.moe.top_k=1", "model.moe.activation=swish"])
+    run = compose_run_config(["model.moe.num_experts=16", "model.moe.top_k=1", "model.moe.activation=swish"])
     assert (run.model.moe.num_experts, run.model.moe.top_k, run.model.moe.activation) == (16, 1, "swish")
 
 
 def test_dense_and_moe_presets_differ_only_in_use_moe():
-    dense, moe = compose_run(["model=dense"]), compose_run(["model=moe"])
+    dense, moe = compose_run_config(["model=dense"]), compose_run_config(["model=moe"])
     assert not dense.model.use_moe and moe.model.use_moe
     dense.model.use_moe = True
     assert dense.model == moe.model
 
 
 def test_size_preset_gpt2_small():
-    model = compose_run(["model/size=gpt2_small", "model=dense"]).model
+    model = compose_run_config(["model/size=gpt2_small", "model=dense"]).model
     assert (model.n_layer, model.n_head, model.n_embd, model.block_size) == (12, 12, 768, 1024)
 
 
 @pytest.mark.parametrize("override", ["model.moe.num_expert=4", "trainer.max_step=3", "data.batchsize=2"])
 def test_misspelled_key_is_an_error(override):
     with pytest.raises(ConfigCompositionException, match=override.split("=")[0].split(".")[-1]):
-        compose_run([override])
+        compose_run_config([override])
 
 
 def test_wrong_type_is_an_error():
     with pytest.raises(ConfigCompositionException, match="top_k"):
-        compose_run(["model.moe.top_k=two"])
+        compose_run_config(["model.moe.top_k=two"])
 
 
 def test_invalid_combination_fails_when_the_run_config_is_built():
     with pytest.raises(ConfigError, match="model.moe.top_k=9"):
-        compose_run(["model.moe.num_experts=4", "model.moe.top_k=9"])
+        compose_run_config(["model.moe.num_experts=4", "model.moe.top_k=9"])
 
 
 @pytest.mark.parametrize("preset", ["stdlib", "text", "shakespeare", "tinystories", "wikitext103", "fineweb_edu"])
 def test_every_data_preset_composes(preset):
     overrides = [f"data={preset}"] + (["data.paths=[x.txt]"] if preset == "text" else [])
-    assert compose_run(overrides).data.name in (preset, "text")
+    assert compose_run_config(overrides).data.name in (preset, "text")
 
 
 @pytest.mark.parametrize("group,choice", [("trainer", "gpu"), ("logger", "csv"), ("logger", "none")])
 def test_every_trainer_and_logger_preset_composes(group, choice):
-    compose_run([f"{group}={choice}"])
+    compose_run_config([f"{group}={choice}"])

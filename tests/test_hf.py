@@ -56,8 +56,9 @@ def test_import_export_round_trip_keeps_every_weight(hf_gpt2_dir, tmp_path):
     export_hf_gpt2(model, tmp_path / "export")
     again = load_hf_gpt2(str(tmp_path / "export"))
     assert again.config == model.config
+    again_state = again.state_dict()
     for key, value in model.state_dict().items():
-        assert torch.equal(again.state_dict()[key], value), key
+        assert torch.equal(again_state[key], value), key
 
 
 def test_our_layer_norms_use_the_epsilon_the_import_requires():

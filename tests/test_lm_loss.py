@@ -85,3 +85,18 @@ def test_model_training_loss_and_every_gradient_match_the_full_logits_path(use_m
     assert chunked_grads.keys() == full_grads.keys()
     for name, grad in chunked_grads.items():
         torch.testing.assert_close(grad, full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fp16_autocast_keeps_the_small_softmax_gradients():
+    # Per-token gradients of ~1/(50k * tokens) underflow in float16; the weight gradient must keep them.
+    torch.manual_seed(0)
+    hidden = torch.randn(512, 16, requires_grad=True)
+    weight = (0.02 * torch.randn(50304, 16)).requires_grad_()
+    targets = torch.randint(50257, (512,))
+    _, _, want = loss_and_grads(plain_loss, hidden, weight, targets)
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, _, got = loss_and_grads(lambda *a: chunked_lm_loss(*a, 128), hidden, weight, targets)
+    untargeted = torch.ones(50304, dtype=torch.bool)
+    untargeted[targets] = False  # rows whose whole gradient is the small softmax part
+    got, want = got[untargeted], want[untargeted]
+    assert (got - want).norm() / want.norm() < 0.05

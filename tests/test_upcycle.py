@@ -3,22 +3,19 @@
 import json
 import logging
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from transformers import GPT2LMHeadModel
 
-from moe_gpt.config import ConfigError, GPTConfig, MoEConfig, register_schema
+from moe_gpt.compose import compose_run_config
+from moe_gpt.config import ConfigError, GPTConfig, MoEConfig
 from moe_gpt.init_from import check_compatible, initial_weights
 from moe_gpt.lit_module import load_model
 from moe_gpt.model import GPT, MLP
 from moe_gpt.run import train
 from moe_gpt.upcycle import upcycle
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32)
 # The run model of conftest's tiny_run_config, made MoE: the size of the hf_gpt2_dir and tiny_checkpoint models.
 TINY_RUN_MOE = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, use_moe=True, moe=MoEConfig(num_experts=4))
@@ -144,11 +141,8 @@ def test_init_from_is_ignored_with_a_log_line_when_resuming(hf_gpt2_dir, tiny_ru
 
 
 def test_init_from_is_a_command_line_key():
-    register_schema()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        assert compose(config_name="config").init_from is None
-        cfg = compose(config_name="config", overrides=["init_from=gpt2", "run_dir=x"])
-    assert OmegaConf.to_object(cfg).init_from == "gpt2"
+    assert compose_run_config([]).init_from is None
+    assert compose_run_config(["init_from=gpt2"], run_dir="x").init_from == "gpt2"
 
 
 def test_training_an_moe_model_upcycled_from_a_hf_gpt2(hf_gpt2_dir, tiny_run_config, tmp_path):

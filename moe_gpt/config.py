@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Lightning's precision settings (its aliases 32, 16, bf16 and 64 included).
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 ACTIVATIONS = ("gelu", "relu", "swish", "tanh")
 LOAD_BALANCE_TYPES = ("switch", "variance", "none")
 
@@ -116,6 +119,11 @@ class GPTConfig:
             f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}",
         )
         _check_dropout("model.dropout", self.dropout)
+        _require(
+            not self.use_moe or self.num_moe_layers > 0,
+            f"model.moe.every_n_layers={self.moe.every_n_layers} is above model.n_layer={self.n_layer}, so no block "
+            "gets an MoE layer; lower model.moe.every_n_layers or use model=dense",
+        )
 
     @property
     def padded_vocab_size(self) -> int:
@@ -154,9 +162,16 @@ def config_warnings(config: GPTConfig) -> list[str]:
             f"model.moe.num_experts={moe.num_experts} on a small model (n_embd={config.n_embd} < 512): "
             "experts may receive too few tokens each to specialise"
         )
-    if config.num_moe_layers == 0:
+    return warnings
+
+
+def run_warnings(cfg: RunConfig) -> list[str]:
+    """``config_warnings`` for the model, plus settings of the run that work against each other."""
+    warnings = config_warnings(cfg.model)
+    if cfg.optim.warmup_steps > cfg.trainer.max_steps:
         warnings.append(
-            f"model.moe.every_n_layers={moe.every_n_layers} > n_layer={config.n_layer}: no block gets an MoE layer"
+            f"optim.warmup_steps={cfg.optim.warmup_steps} is longer than trainer.max_steps={cfg.trainer.max_steps}: "
+            "the learning rate never reaches optim.lr"
         )
     return warnings
 
@@ -217,16 +232,23 @@ class OptimConfig:
 
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1  # applied to matrices only; biases, norms and embeddings... see module
+    weight_decay: float = 0.1  # applied to matrices (linear and embedding weights); biases and norms never decay
     beta1: float = 0.9
     beta2: float = 0.95
+    eps: float = 1e-8
     warmup_steps: int = 50
 
     def __post_init__(self) -> None:
-        _check_positive(**{"optim.lr": self.lr})
+        _require(math.isfinite(self.lr) and self.lr > 0, f"optim.lr={self.lr} must be a finite positive number")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
-        _require(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _require(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"optim.weight_decay={self.weight_decay} must be a finite number >= 0",
+        )
+        for key, beta in (("optim.beta1", self.beta1), ("optim.beta2", self.beta2)):
+            _require(0.0 <= beta < 1.0, f"{key}={beta} must be in [0, 1)")
+        _require(math.isfinite(self.eps) and self.eps > 0, f"optim.eps={self.eps} must be a finite positive number")
 
 
 @dataclass
@@ -234,8 +256,10 @@ class TrainerConfig:
     """Passed as keyword arguments to ``lightning.Trainer``; the names are Lightning's."""
 
     accelerator: str = "auto"  # auto | cpu | gpu | mps
-    devices: Any = "auto"  # number of devices, a list of ids, or auto
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    devices: Any = "auto"  # devices per node: a number, a list of ids, -1 (all) or auto
+    num_nodes: int = 1  # machines; each runs `devices` processes
+    strategy: str = "auto"  # Lightning's names: auto | ddp | fsdp | deepspeed | ...
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true | 64-true ...
     max_steps: int = 600  # optimizer steps
     val_check_interval: int = 100  # validate every N training batches
     limit_val_batches: int = 20  # batches per validation
@@ -252,8 +276,44 @@ class TrainerConfig:
                 "trainer.limit_val_batches": self.limit_val_batches,
                 "trainer.accumulate_grad_batches": self.accumulate_grad_batches,
                 "trainer.log_every_n_steps": self.log_every_n_steps,
+                "trainer.num_nodes": self.num_nodes,
             }
         )
+        _require(
+            self.precision in PRECISIONS,
+            f"trainer.precision={self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}",
+        )
+        _require(
+            _valid_devices(self.devices),
+            f"trainer.devices={self.devices!r} must be a positive number, a list of device ids such as [0,1], "
+            "-1 (every device) or auto",
+        )
+
+
+def _valid_devices(devices: Any) -> bool:
+    """What Lightning accepts: auto, -1, a positive count, or device ids as a list or as "0,1"."""
+    if devices in ("auto", -1, "-1"):
+        return True
+    if isinstance(devices, bool) or isinstance(devices, float):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1
+    if isinstance(devices, str):
+        if devices.isdigit():
+            return int(devices) >= 1
+        devices = [part for part in devices.split(",") if part.strip()]
+    ids = [str(device).strip() for device in devices]
+    return bool(ids) and all(device.isdigit() for device in ids)
+
+
+@dataclass
+class CheckpointConfig:
+    """When ``checkpoints/last.ckpt`` is written; ``best.ckpt`` follows validation."""
+
+    every_n_steps: int = 100  # optimizer steps between last.ckpt writes (also written at the end and on SIGTERM/SIGINT)
+
+    def __post_init__(self) -> None:
+        _check_positive(**{"checkpoint.every_n_steps": self.every_n_steps})
 
 
 @dataclass
@@ -287,11 +347,15 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 1337
     run_dir: str = "outputs/run"  # set by Hydra to its job directory
     resume: Optional[str] = None  # checkpoint path, or "last" for <run_dir>/checkpoints/last.ckpt
     compile: bool = False  # torch.compile the model (GPU; slow to start on CPU)
     init_from: Optional[str] = None  # start from a .ckpt or an HF GPT-2 dir/hub name (dense -> MoE: upcycled)
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.seed <= MAX_SEED, f"seed={self.seed} must be between 0 and {MAX_SEED}")
 
 
 def register_schema() -> None:

@@ -27,6 +27,10 @@ def tidy_lightning_logging() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
     # Lightning 2.6 calling an API that torch 2.13 deprecated: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # torchdata 0.11's StatefulDataLoader calling an API that torch 2.13 deprecated: the same.
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+    # Lightning warns whenever checkpoints/ is not empty, resumes included; run_dir.py decides who writes there.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 class StepProgressBar(RichProgressBar):

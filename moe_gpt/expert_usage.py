@@ -6,19 +6,30 @@ import io
 import math
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
 
 from moe_gpt.moe import MoELayer
 
 
+def usage_counters(layer: MoELayer) -> Tensor:
+    """One layer's routing counters as one row: token-slots per expert, router entropy sum, routed tokens."""
+    return torch.cat([layer.tokens_per_expert.float(), layer.router_entropy_sum[None], layer.routed_tokens[None]])
+
+
 def usage_stats(layer: MoELayer) -> dict[str, float | list[float]]:
     """Share of token-slots per expert, router entropy and max-load violation since the last reset."""
-    counts = layer.tokens_per_expert.float()
+    return stats_from_counters(usage_counters(layer))
+
+
+def stats_from_counters(counters: Tensor) -> dict[str, float | list[float]]:
+    counts, entropy_sum, routed = counters[:-2], counters[-2], counters[-1]
     share = (counts / counts.sum().clamp_min(1)).tolist()
-    entropy = (layer.router_entropy_sum / layer.routed_tokens.clamp_min(1)).item()
+    entropy = (entropy_sum / routed.clamp_min(1)).item()
     return {
         "share": share,
-        # max share / mean share - 1: 0 when balanced, E - 1 when one expert takes every slot.
+        # max share / mean share - 1: 0 when balanced; E/k - 1 when every token picks the same k experts.
         "max_load_violation": max(share) * len(share) - 1,
         "router_entropy": entropy,
         "router_entropy_ratio": entropy / math.log(len(share)) if len(share) > 1 else 1.0,
@@ -59,7 +70,9 @@ class ExpertUsageLogger(L.Callback):
         if not layers or step % self.every_n_steps != 0 or step == self._last_logged_step:
             return
         self._last_logged_step = step
-        stats = [usage_stats(layer) for layer in layers]
+        # Summed over every process: each rank only counts the tokens of its own batches.
+        counters = trainer.strategy.reduce(torch.stack([usage_counters(layer) for layer in layers]), reduce_op="sum")
+        stats = [stats_from_counters(row) for row in counters]
         # Straight to the loggers: self.log would hold these until Lightning's own log interval.
         for logger in trainer.loggers:
             logger.log_metrics(self._flatten(stats), step=step)

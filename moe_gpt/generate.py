@@ -74,16 +74,14 @@ def _extend(
     tokens, cache = idx, None
     for _ in range(max_new_tokens):
         logits, cache = next_token_logits(model, tokens, cache, use_cache)
-        # The padded vocabulary columns are no tokens; never sample them.
-        logits = logits[:, : model.config.vocab_size].float()
-        tokens = torch.cat([tokens, choose_token(logits, temperature, top_k, top_p, generator)], dim=1)
+        tokens = torch.cat([tokens, choose_token(logits.float(), temperature, top_k, top_p, generator)], dim=1)
     return tokens
 
 
 def next_token_logits(
     model: GPT, tokens: Tensor, cache: Optional[list[KVCache]], use_cache: bool
 ) -> tuple[Tensor, Optional[list[KVCache]]]:
-    """Logits (B, padded_vocab) for the token after ``tokens``, and the cache covering ``tokens``.
+    """Logits (B, vocab_size) for the token after ``tokens``, and the cache covering ``tokens``.
 
     ``cache`` covers all of ``tokens`` but the newest. While the newest token still fits the
     context window only it is fed; otherwise the context is cropped to the last ``block_size``

@@ -115,6 +115,7 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: GPTConfig) -> dict[s
             continue
         ours[key] = value.t() if CONV1D_WEIGHT.search(key) else value
     wte = ours["transformer.wte.weight"]
+    # Padded rows are no tokens; the model keeps them out of every softmax, so zeros are fine.
     padding = wte.new_zeros(config.padded_vocab_size - wte.shape[0], wte.shape[1])
     ours["transformer.wte.weight"] = ours["lm_head.weight"] = torch.cat([wte, padding])
     return ours

@@ -7,27 +7,21 @@ from typing import Optional
 
 from torch import Tensor
 
+from moe_gpt.checkpoints import check_weights_fit, load_model
 from moe_gpt.config import ConfigError, GPTConfig, RunConfig
 from moe_gpt.hf import load_hf_gpt2
-from moe_gpt.lit_module import load_model
 from moe_gpt.model import GPT
 from moe_gpt.upcycle import upcycle
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURE_KEYS = ("n_layer", "n_embd", "n_head", "block_size", "vocab_size", "bias")
-MOE_KEYS = ("num_experts", "every_n_layers")
-
 
 def initial_weights(cfg: RunConfig) -> Optional[dict[str, Tensor]]:
     """A state dict for ``GPT(cfg.model)`` from ``cfg.init_from``, upcycled when a dense source meets an MoE run.
 
-    None without ``init_from``, and when resuming: the resumed checkpoint's weights win.
+    None without ``init_from``. (A resumed run does not call this: the checkpoint's weights win.)
     """
     if cfg.init_from is None:
-        return None
-    if cfg.resume is not None:
-        log.warning("init_from=%s ignored: resuming from resume=%s, whose weights win", cfg.init_from, cfg.resume)
         return None
     source = load_source(cfg.init_from)
     check_compatible(source.config, cfg.model, cfg.init_from)
@@ -48,16 +42,7 @@ def load_source(init_from: str) -> GPT:
 
 
 def check_compatible(source: GPTConfig, run: GPTConfig, init_from: str) -> None:
-    """The source's weights must fit the run's model exactly; the error names the first key that differs."""
-    differences = [(f"model.{key}", getattr(source, key), getattr(run, key)) for key in ARCHITECTURE_KEYS]
+    """The source's weights must fit the run's model exactly (dense -> MoE is upcycled)."""
     if source.use_moe and not run.use_moe:
         raise ConfigError(f"init_from={init_from} is an MoE model; start a dense run from a dense one, or set model=moe")
-    if source.use_moe:
-        differences += [(f"model.moe.{key}", getattr(source.moe, key), getattr(run.moe, key)) for key in MOE_KEYS]
-        differences.append(("model.moe.hidden_size", source.ffn_hidden_size, run.ffn_hidden_size))
-    for key, source_value, run_value in differences:
-        if source_value != run_value:
-            raise ConfigError(
-                f"init_from={init_from} has {key}={source_value} but this run has {key}={run_value}; "
-                f"set {key}={source_value}"
-            )
+    check_weights_fit(source, run, f"init_from={init_from}")

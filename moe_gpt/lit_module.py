@@ -1,27 +1,30 @@
-"""The Lightning wrapper: losses and their logging, AdamW, warmup + cosine schedule."""
+"""The Lightning wrapper: losses and their logging, divergence checks, AdamW, warmup + cosine schedule."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict
-from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from moe_gpt.config import ConfigError, GPTConfig, MoEConfig, OptimConfig
+from moe_gpt.config import GPTConfig, OptimConfig
+from moe_gpt.lm_loss import IGNORE_INDEX
 from moe_gpt.model import GPT
+from moe_gpt.outcomes import Diverged
+
+log = logging.getLogger(__name__)
 
 
 class GPTLightningModule(L.LightningModule):
-    def __init__(self, model_config: GPTConfig | dict, optim_config: OptimConfig | dict, max_steps: int):
+    def __init__(self, model_config: GPTConfig, optim_config: OptimConfig, max_steps: int):
         super().__init__()
         # Plain dicts in the checkpoint, so loading one never needs this code's dataclasses pickled.
-        model_config = _as_gpt_config(model_config)
-        optim_config = optim_config if isinstance(optim_config, OptimConfig) else OptimConfig(**optim_config)
         self.save_hyperparameters(
             {"model_config": asdict(model_config), "optim_config": asdict(optim_config), "max_steps": max_steps}
         )
@@ -29,10 +32,14 @@ class GPTLightningModule(L.LightningModule):
         self.max_steps = max_steps
         self.model = GPT(model_config)
         self.val_loss = MeanMetric()
-        self._last_batch_end = None
-        self.start_step = 0  # global step this fit started from (non-zero when resumed)
+        # Progress that must survive a resume: saved in and restored from checkpoints.
+        self.tokens_seen = 0  # training tokens, all processes together
         self.val_history: list[dict[str, float]] = []  # one entry per validation during fit
+        self._seconds_before_this_fit = 0.0  # training wall time of earlier sessions of this run
+        self.start_step = 0  # global step this fit started from (non-zero when resumed)
+        self.tokens_at_start = 0
         self._fit_started = time.perf_counter()
+        self._last_batch_end = None
         # One sequence through forward() lets Lightning's model summary report FLOPs and sizes.
         self.example_input_array = torch.zeros(1, model_config.block_size, dtype=torch.long)
 
@@ -40,22 +47,47 @@ class GPTLightningModule(L.LightningModule):
         """Logits for token ids (B, T); training and validation steps call the GPT directly."""
         return self.model(idx).logits
 
+    @property
+    def train_seconds(self) -> float:
+        """Training wall time of this run so far, earlier sessions included."""
+        return self._seconds_before_this_fit + time.perf_counter() - self._fit_started
+
     def on_train_start(self) -> None:
         self.start_step = self.trainer.global_step
+        self.tokens_at_start = self.tokens_seen
         self._fit_started = time.perf_counter()
+        self._apply_optim_config()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         out = self.model(x, y)
+        self._stop_if_diverged(out.loss)
+        # Counted here, not at batch end: callbacks that checkpoint at batch end run before the module's hook.
+        self.tokens_seen += x.numel() * self.trainer.world_size  # every process trained on a batch this size
         self.log("train/loss", out.loss, prog_bar=True)
         self.log_dict({"train/lm_loss": out.lm_loss, "train/aux_loss": out.aux_loss, "train/z_loss": out.z_loss})
         return out.loss
 
+    def _stop_if_diverged(self, loss: Tensor) -> None:
+        """Raise before the optimizer step, so a non-finite loss never reaches the weights."""
+        finite = bool(torch.isfinite(loss))
+        # Every process must stop together, or the others would wait forever for its gradients.
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            step = self.trainer.global_step + 1
+            raise Diverged(
+                f"training diverged: the loss is {loss.item()} at step {step}; lower optim.lr (now {self.optim_config.lr}) "
+                "or raise optim.warmup_steps; the checkpoints keep the last finite weights",
+                step,
+            )
+
     def on_train_batch_end(self, outputs, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        tokens = batch[0].numel() * self.trainer.world_size
         # Wall time between consecutive batch ends covers data loading and the optimizer step.
         now = time.perf_counter()
         if self._last_batch_end is not None:
-            self.log("train/tokens_per_sec", batch[0].numel() / (now - self._last_batch_end), prog_bar=True)
+            self.log("train/tokens_per_sec", tokens / (now - self._last_batch_end), prog_bar=True)
         self._last_batch_end = now
 
     def on_validation_start(self) -> None:
@@ -63,11 +95,12 @@ class GPTLightningModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        # Pure language-model cross-entropy: the auxiliary router losses never enter val/loss.
-        self.val_loss.update(self.model(x, y).lm_loss, weight=y.numel())
+        # Pure language-model cross-entropy (the router losses never enter val/loss), averaged
+        # over the targets that count: lm_loss is already a mean over them.
+        self.val_loss.update(self.model(x, y).lm_loss, weight=(y != IGNORE_INDEX).sum())
 
     def on_validation_epoch_end(self) -> None:
-        val_loss = self.val_loss.compute()
+        val_loss = self.val_loss.compute()  # over every process's batches
         self.val_loss.reset()
         self.log_dict({"val/loss": val_loss, "val/ppl": torch.exp(val_loss)}, prog_bar=True, sync_dist=True)
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
@@ -75,10 +108,25 @@ class GPTLightningModule(L.LightningModule):
             self.val_history.append(
                 {
                     "step": self.trainer.global_step,
-                    "seconds": time.perf_counter() - self._fit_started,
+                    "tokens": self.tokens_seen,
+                    "seconds": self.train_seconds,
                     "val_loss": val_loss.item(),
                 }
             )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _refuse_non_finite_weights(checkpoint["state_dict"], self.trainer.global_step)
+        checkpoint["progress"] = {
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "val_history": list(self.val_history),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        progress = checkpoint.get("progress", {})
+        self.tokens_seen = progress.get("tokens_seen", 0)
+        self._seconds_before_this_fit = progress.get("train_seconds", 0.0)
+        self.val_history = list(progress.get("val_history", []))
 
     def configure_optimizers(self):
         cfg = self.optim_config
@@ -89,10 +137,32 @@ class GPTLightningModule(L.LightningModule):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW(
-            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda"
+            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=self.device.type == "cuda"
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _apply_optim_config(self) -> None:
+        """Make the optimizer follow this run's ``optim`` settings, also after a resume.
+
+        A resumed optimizer and scheduler come back with the values of the run that saved them, so
+        ``optim.lr=...`` on the command line would be silently ignored. Here the configured values
+        win, and a change is logged. (warmup_steps, min_lr_ratio and max_steps need nothing: the
+        schedule reads them from the config at every step.)
+        """
+        cfg = self.optim_config
+        optimizer, schedule = self.optimizers(use_pl_optimizer=False), self.lr_schedulers()
+        changes = set()
+        for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
+            wanted = {"initial_lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": decay}
+            for key, value in wanted.items():
+                if group[key] != value:
+                    changes.add(f"{key} {group[key]} -> {value}")
+                    group[key] = value
+            group["lr"] = cfg.lr * self._lr_factor(schedule.last_epoch)
+        schedule.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        if changes:
+            log.info("resumed optimizer follows this run's optim settings: %s", ", ".join(sorted(changes)))
 
     def _lr_factor(self, step: int) -> float:
         """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps."""
@@ -103,16 +173,12 @@ class GPTLightningModule(L.LightningModule):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _as_gpt_config(config: GPTConfig | dict) -> GPTConfig:
-    if isinstance(config, GPTConfig):
-        return config
-    return GPTConfig(**{**config, "moe": MoEConfig(**config["moe"])})
-
-
-def load_model(checkpoint_path: str | Path, map_location: str = "cpu") -> GPT:
-    """The GPT inside a training checkpoint, in eval mode (for generation and analysis)."""
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist; pass a .ckpt from a run's checkpoints/ folder")
-    module = GPTLightningModule.load_from_checkpoint(path, map_location=map_location, weights_only=False)
-    return module.model.eval()
+def _refuse_non_finite_weights(state_dict: dict[str, Tensor], step: int) -> None:
+    """No checkpoint may hold NaN or inf: best.ckpt and last.ckpt keep the last finite state instead."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise Diverged(
+                f"training diverged: {name} holds non-finite values at step {step}; lower optim.lr or raise "
+                "optim.warmup_steps; the checkpoints keep the last finite weights",
+                step,
+            )

@@ -7,6 +7,10 @@ logits: the forward pass computes each chunk's loss *and* its gradients with res
 states and the output weight right away (softmax minus one-hot is the whole gradient of
 cross-entropy), so backward only scales what was stored. Same FLOPs as the plain path (one matmul
 forward, two for the gradients), less memory traffic; tests hold it to ``F.cross_entropy``.
+
+The output weight has padded rows (the vocabulary rounded up to a multiple of 64, for fast matmul
+tiles) that are no tokens: their logits are computed with the rest, then set to -inf, so they take
+no probability and get exactly zero gradient.
 """
 
 from __future__ import annotations
@@ -17,15 +21,16 @@ from torch import Tensor
 IGNORE_INDEX = -1  # targets with this value add nothing to the loss (as F.cross_entropy's ignore_index)
 
 
-def chunked_lm_loss(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+def chunked_lm_loss(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, vocab_size: int) -> Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, over targets not IGNORE_INDEX.
 
-    hidden: (N, C) final hidden states; weight: (V, C) output embedding; targets: (N,) token ids.
+    hidden: (N, C) final hidden states; weight: (V, C) output embedding whose first ``vocab_size``
+    rows are tokens and the rest padding; targets: (N,) token ids below ``vocab_size``.
     Under autocast the matmuls run in the autocast dtype and the softmax in float32, as in the plain path.
     """
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LossAndGradients.apply(hidden, weight, targets, chunk_size)
-    return _loss_only(hidden, weight, targets, chunk_size)
+        return _LossAndGradients.apply(hidden, weight, targets, chunk_size, vocab_size)
+    return _loss_only(hidden, weight, targets, chunk_size, vocab_size)
 
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype:
@@ -44,9 +49,11 @@ def _chunks(hidden: Tensor, targets: Tensor, chunk_size: int):
         yield start, hidden[start:end], safe_targets[start:end], counted[start:end]
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor) -> Tensor:
-    logits = hidden @ weight.t()  # (n, V)
-    return logits.to(_softmax_dtype(logits.dtype))
+def _chunk_logits(hidden: Tensor, weight: Tensor, vocab_size: int) -> Tensor:
+    logits = hidden @ weight.t()  # (n, V): the padded matmul keeps its fast shape
+    logits = logits.to(_softmax_dtype(logits.dtype))
+    logits[:, vocab_size:] = float("-inf")  # padding rows are no tokens: softmax 0, gradient 0
+    return logits
 
 
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,18 +72,19 @@ def _counted_total(targets: Tensor) -> Tensor:
     return (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def _loss_only(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+def _loss_only(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, vocab_size: int) -> Tensor:
     dtype = _compute_dtype(hidden)
     weight_c = weight.to(dtype)
     total = hidden.new_zeros((), dtype=_softmax_dtype(dtype))
     for _, hidden_chunk, safe_targets, counted in _chunks(hidden, targets, chunk_size):
-        total += _chunk_loss_sum(_chunk_logits(hidden_chunk.to(dtype), weight_c), safe_targets, counted)[0]
+        logits = _chunk_logits(hidden_chunk.to(dtype), weight_c, vocab_size)
+        total += _chunk_loss_sum(logits, safe_targets, counted)[0]
     return total / _counted_total(targets)
 
 
 class _LossAndGradients(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, vocab_size: int) -> Tensor:
         dtype = _compute_dtype(hidden)
         # float16 cannot hold softmax probabilities of ~1/50k scaled by 1/tokens (GradScaler scales
         # the loss only after this), so its gradient matmuls run in float32; bfloat16 has the range.
@@ -88,7 +96,7 @@ class _LossAndGradients(torch.autograd.Function):
         rows = torch.arange(chunk_size, device=hidden.device)
         for start, hidden_chunk, safe_targets, counted in _chunks(hidden, targets, chunk_size):
             n = len(safe_targets)
-            logits = _chunk_logits(hidden_chunk.to(dtype), weight_c)
+            logits = _chunk_logits(hidden_chunk.to(dtype), weight_c, vocab_size)
             loss_sum, log_normalizer = _chunk_loss_sum(logits, safe_targets, counted)
             total += loss_sum
             # d(summed loss)/d(logits) = softmax - one_hot(target) for counted targets, in place;
@@ -105,4 +113,4 @@ class _LossAndGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None

@@ -109,8 +109,9 @@ class Block(nn.Module):
 
 @dataclass
 class GPTOutput:
-    # (B, T, padded_vocab); None when targets were given and model.loss_chunk_size > 0 (the default):
-    # the loss is then computed without materialising them. Call without targets for logits.
+    # (B, T, vocab_size): the real tokens only, never the padded rows of the output embedding.
+    # None when targets were given and model.loss_chunk_size > 0 (the default): the loss is then
+    # computed without materialising them. Call without targets for logits.
     logits: Optional[Tensor]
     lm_loss: Optional[Tensor] = None  # cross-entropy, when targets were given
     aux_loss: Optional[Tensor] = None  # load-balance loss averaged over MoE layers (0 when dense)
@@ -186,11 +187,16 @@ class GPT(nn.Module):
     def _logits_unless_chunked_loss(self, x: Tensor, targets: Optional[Tensor]) -> Optional[Tensor]:
         if targets is not None and self.config.loss_chunk_size > 0:
             return None  # the loss is computed a chunk at a time, without the full (B, T, V) logits
-        return self.lm_head(x)  # (B, T, padded_vocab)
+        # The matmul keeps the padded width (a multiple of 64 runs on fast kernel tiles); the padded
+        # columns are no tokens, and left in they would take probability mass from every softmax.
+        return self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab_size)
 
     def _lm_loss(self, x: Tensor, logits: Optional[Tensor], targets: Tensor) -> Tensor:
         if logits is None:
-            return chunked_lm_loss(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.loss_chunk_size)
+            config = self.config
+            return chunked_lm_loss(
+                x.flatten(0, 1), self.lm_head.weight, targets.flatten(), config.loss_chunk_size, config.vocab_size
+            )
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
     @staticmethod

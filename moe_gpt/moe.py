@@ -130,11 +130,13 @@ class MoELayer(nn.Module):
         self.experts = Experts(
             moe.num_experts, config.n_embd, config.ffn_hidden_size, moe.activation, config.expert_dropout, config.bias
         )
-        # Routing statistics summed over training forwards since the last reset: the usage
-        # metrics read them, so logging costs no extra pass. Not saved in checkpoints.
-        self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts), persistent=False)
-        self.register_buffer("router_entropy_sum", torch.zeros(()), persistent=False)
-        self.register_buffer("routed_tokens", torch.zeros(()), persistent=False)
+        # Routing statistics summed over this process's training forwards since the last reset:
+        # the usage metrics read them, so logging costs no extra pass. Plain tensors, not buffers:
+        # they are not weights (nothing to checkpoint), and DDP would overwrite every rank's
+        # buffers with rank zero's at each forward. They follow the input's device (_record_usage).
+        self.tokens_per_expert = torch.zeros(moe.num_experts)
+        self.router_entropy_sum = torch.zeros(())
+        self.routed_tokens = torch.zeros(())
 
     def forward(self, x_BTD: Tensor, return_intermediate: bool = False) -> tuple[Tensor, MoELosses, Optional[dict]]:
         B, T, D = x_BTD.shape
@@ -165,6 +167,10 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def _record_usage(self, probs_TE: Tensor, tokens_per_expert_E: Tensor) -> None:
+        if self.tokens_per_expert.device != probs_TE.device:  # the model moved (e.g. to the GPU)
+            self.tokens_per_expert = self.tokens_per_expert.to(probs_TE.device)
+            self.router_entropy_sum = self.router_entropy_sum.to(probs_TE.device)
+            self.routed_tokens = self.routed_tokens.to(probs_TE.device)
         self.tokens_per_expert += tokens_per_expert_E
         self.router_entropy_sum += -(probs_TE * probs_TE.clamp_min(1e-9).log()).sum()
         self.routed_tokens += probs_TE.shape[0]

@@ -1,102 +1,119 @@
-"""One training run: build the data, model, loggers and trainer from a RunConfig, fit, summarise."""
+"""One training run: claim the folder, build the data, model, loggers and trainer, fit, summarise."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import secrets
 import time
-from dataclasses import asdict
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 
-from moe_gpt.config import ConfigError, LoggerConfig, RunConfig, config_warnings
+from moe_gpt.checkpointing import LastCheckpoint, RNGStateCallback, RunRecordCallback
+from moe_gpt.config import ConfigError, RunConfig, run_warnings
 from moe_gpt.console import StepProgressBar
 from moe_gpt.data import TokenDataModule
+from moe_gpt.data.tokenizer import GPT2_N_VOCAB
 from moe_gpt.expert_usage import ExpertUsageLogger
 from moe_gpt.init_from import initial_weights
 from moe_gpt.lit_module import GPTLightningModule
+from moe_gpt.loggers import build_loggers
+from moe_gpt.preemption import StopAtStepEnd, stop_signals_raise
+from moe_gpt.resume import Resume, check_resumable, find_resume
+from moe_gpt.run_dir import claimed, is_global_zero, logging_to_file, write_json
+from moe_gpt.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 
 
-def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, resolved_config: dict) -> list[Logger]:
-    if cfg.kind == "wandb":
-        return [
-            WandbLogger(
-                project=cfg.project,
-                name=run_name,
-                group=cfg.group,
-                save_dir=str(run_dir),
-                offline=cfg.mode == "offline",
-                config=resolved_config,
-            )
-        ]
-    if cfg.kind == "csv":
-        return [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
-    return []
+@dataclass
+class RunRecord:
+    """What a checkpoint remembers of the command that made it, so ``resume=last`` can rebuild it."""
+
+    overrides: list[str] = field(default_factory=list)  # Hydra's task overrides
+    resolved_config: Optional[dict[str, Any]] = None  # what W&B shows; default: the RunConfig as a dict
+    save_config_files: Optional[Callable[[Path], None]] = None  # train.py writes Hydra's .hydra/ files
+    claimed: bool = False  # set once the folder is this run's: only then may a failure be recorded in it
 
 
-def resolve_checkpoint(resume: Optional[str], checkpoint_dir: Path) -> Optional[str]:
-    """``resume=last`` means this run directory's last checkpoint; anything else is a path."""
-    if resume is None:
-        if checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):
-            raise ConfigError(
-                f"{checkpoint_dir} already holds checkpoints; pass resume=last to continue that run "
-                "or choose another hydra.run.dir"
-            )
-        return None
-    path = checkpoint_dir / "last.ckpt" if resume == "last" else Path(resume)
-    if not path.is_file():
-        raise ConfigError(f"resume={resume}: no checkpoint at {path}; pass an existing .ckpt path")
-    return str(path)
-
-
-def train(cfg: RunConfig, resolved_config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def train(cfg: RunConfig, record: Optional[RunRecord] = None) -> dict[str, Any]:
     """Train one model and write ``metrics.json`` into the run directory; returns the metrics."""
+    record = record or RunRecord()
+    run_dir = Path(cfg.run_dir)
+    with ExitStack() as stack:
+        stack.enter_context(stop_signals_raise())  # until training starts, a stop signal stops at once
+        resume = find_resume(cfg.resume, run_dir)  # before any data: a bad checkpoint fails fast
+        if resume is not None:
+            check_resumable(resume, cfg)
+        check_vocabulary(cfg)
+        if is_global_zero():
+            stack.enter_context(claimed(run_dir, resuming=resume is not None))
+            record.claimed = True
+            stack.enter_context(logging_to_file(run_dir))
+            if record.save_config_files is not None:
+                record.save_config_files(run_dir)
+        return _train_in_claimed_dir(cfg, record, resume)
+
+
+def check_vocabulary(cfg: RunConfig) -> None:
+    if cfg.model.vocab_size < GPT2_N_VOCAB:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_N_VOCAB} token ids; "
+            f"set model.vocab_size={GPT2_N_VOCAB}"
+        )
+
+
+def _train_in_claimed_dir(cfg: RunConfig, record: RunRecord, resume: Optional[Resume]) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
-    checkpoint_dir = run_dir / "checkpoints"
-    ckpt_path = resolve_checkpoint(cfg.resume, checkpoint_dir)
-    for warning in config_warnings(cfg.model):
+    for warning in run_warnings(cfg):
         log.warning(warning)
+    if resume is not None and cfg.init_from is not None:
+        log.warning("init_from=%s ignored: resuming from %s, whose weights win", cfg.init_from, resume.path)
     L.seed_everything(cfg.seed, workers=True)
-    init_state = initial_weights(cfg)  # before the data: a bad init_from fails fast
+    init_state = initial_weights(cfg) if resume is None else None  # before the data: a bad init_from fails fast
 
     datamodule = TokenDataModule(cfg.data, block_size=cfg.model.block_size, seed=cfg.seed)
     module = GPTLightningModule(cfg.model, cfg.optim, max_steps=cfg.trainer.max_steps)
     if init_state is not None:
         module.model.load_state_dict(init_state)
     if cfg.compile:
-        module.model = torch.compile(module.model)
+        module.model.compile()  # in place: the checkpoint keeps the plain model's keys
     model_kind = "moe" if cfg.model.use_moe else "dense"
-    loggers = build_loggers(cfg.logger, run_dir, f"{model_kind}-{run_dir.name}", resolved_config or asdict(cfg))
-    checkpoint = ModelCheckpoint(
-        dirpath=checkpoint_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1, save_last=True
+    wandb_id = continued_wandb_id(resume, run_dir)
+    loggers = build_loggers(
+        cfg.logger,
+        run_dir,
+        f"{model_kind}-{run_dir.name}",
+        record.resolved_config or asdict(cfg),
+        wandb_id,
+        resume.step if resume is not None else None,
     )
+    checkpoint_dir = run_dir / "checkpoints"
+    best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1)
+    stop = StopAtStepEnd(checkpoint_dir / "last.ckpt")
     callbacks = [
-        checkpoint,
+        best,
+        LastCheckpoint(checkpoint_dir / "last.ckpt", cfg.checkpoint.every_n_steps),
+        stop,
+        RunRecordCallback({"overrides": record.overrides, "config": asdict(cfg), "wandb_id": wandb_id}),
+        RNGStateCallback(),
         ExpertUsageLogger(cfg.logger.expert_stats_every_n_steps, cfg.logger.heatmap_every_n_steps),
         StepProgressBar(),
     ]
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer = L.Trainer(
-        **asdict(cfg.trainer),
-        max_epochs=-1,  # training length is max_steps; epochs just repeat the data
-        check_val_every_n_epoch=None,  # validate every val_check_interval batches, across epochs
-        default_root_dir=str(run_dir),
-        logger=loggers or False,
-        callbacks=callbacks,
-    )
+    trainer = build_trainer(cfg, loggers, callbacks)
     try:
         fit_started = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
         fit_seconds = time.perf_counter() - fit_started
         val_loss = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
     finally:
@@ -107,10 +124,20 @@ def train(cfg: RunConfig, resolved_config: Optional[dict[str, Any]] = None) -> d
 
     metrics = summarize(cfg, module, datamodule, trainer, val_loss, fit_seconds, time.perf_counter() - started)
     metrics["model"] = model_kind
-    metrics["best_val_loss"] = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info("metrics: %s", json.dumps(metrics))
+    metrics["best_val_loss"] = float(best.best_model_score) if best.best_model_score is not None else None
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", metrics)
+        log.info("metrics: %s", metrics)
     return metrics
+
+
+def continued_wandb_id(resume: Optional[Resume], run_dir: Path) -> str:
+    """The W&B run id: the resumed run's when its checkpoint is from this folder (one W&B run per folder)."""
+    if resume is not None and resume.path.resolve().parent.parent == run_dir.resolve():
+        saved = resume.record.get("wandb_id")
+        if saved:
+            return saved
+    return secrets.token_hex(4)  # W&B's own ids are 8 characters too
 
 
 def summarize(
@@ -122,23 +149,28 @@ def summarize(
     fit_seconds: float,
     wall_seconds: float,
 ) -> dict[str, Any]:
-    tokens_per_step = cfg.data.batch_size * cfg.model.block_size * cfg.trainer.accumulate_grad_batches
-    train_tokens = trainer.global_step * tokens_per_step
-    tokens_this_fit = (trainer.global_step - module.start_step) * tokens_per_step
     return {
         "val_loss": val_loss,
-        "val_ppl": math.exp(val_loss),
-        "train_tokens": train_tokens,
+        "val_ppl": perplexity(val_loss),
+        "train_tokens": module.tokens_seen,  # all processes, all sessions of a resumed run
         "steps": trainer.global_step,
+        "world_size": trainer.world_size,
         "params_total": module.model.num_parameters(),
         "params_active": module.model.num_active_parameters(),
-        "tokens_per_sec": tokens_this_fit / fit_seconds,
+        "tokens_per_sec": (module.tokens_seen - module.tokens_at_start) / fit_seconds,  # this session
         "wall_time_s": wall_seconds,
         "peak_memory_mb": peak_memory_mb(),
         "corpus": cfg.data.name,
         "corpus_train_tokens": datamodule.train_tokens,
-        "val_history": [{**entry, "tokens": entry["step"] * tokens_per_step} for entry in module.val_history],
+        "val_history": module.val_history,
     }
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:  # a loss above ~709 nats; written as null in metrics.json
+        return math.inf
 
 
 def peak_memory_mb() -> float:

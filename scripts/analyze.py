@@ -22,11 +22,11 @@ from moe_gpt.analysis import (
     recommended_settings,
     routing_report,
 )
+from moe_gpt.checkpoints import load_model
 from moe_gpt.compose import compose_run_config
 from moe_gpt.config import ConfigError, config_warnings
 from moe_gpt.data import DataError, load_gpt2_tokenizer
 from moe_gpt.intermediate import to_jsonable
-from moe_gpt.lit_module import load_model
 
 
 def analyze_config(args: argparse.Namespace) -> None:

@@ -30,11 +30,11 @@ import torch
 from hydra.errors import HydraException
 
 from moe_gpt.analysis import flops_per_token, routing_report
+from moe_gpt.checkpoints import load_model
 from moe_gpt.compose import compose_run_config
 from moe_gpt.config import ConfigError, RunConfig
 from moe_gpt.data import DataError, TokenDataModule
 from moe_gpt.expert_usage import usage_heatmap_png
-from moe_gpt.lit_module import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_DEFAULT = ["trainer.max_steps=100", "trainer.val_check_interval=25", "trainer.limit_val_batches=10"]

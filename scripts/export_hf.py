@@ -13,6 +13,7 @@ import argparse
 import sys
 from typing import Optional
 
+from moe_gpt.checkpoints import load_model
 from moe_gpt.config import ConfigError
 from moe_gpt.hf import export_hf_gpt2
 
@@ -23,9 +24,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="directory to write config.json and model.safetensors into")
     parser.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")
     args = parser.parse_args(argv)
-    from moe_gpt.lit_module import (
-        load_model,  # imports Lightning (seconds): not needed for --help
-    )
 
     try:
         directory = export_hf_gpt2(load_model(args.checkpoint), args.out, overwrite=args.overwrite)

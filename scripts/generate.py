@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from moe_gpt.checkpoints import load_model
 from moe_gpt.config import ConfigError
 from moe_gpt.data import DataError, load_gpt2_tokenizer
 from moe_gpt.data.tokenizer import ENDOFTEXT, GPT2_N_VOCAB
@@ -55,9 +56,6 @@ def sample_texts(args: argparse.Namespace) -> list[str]:
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples {args.num_samples} must be >= 1")
     check_sampling_arguments(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before slow loading
-    # Imports Lightning (seconds): not needed for --help.
-    from moe_gpt.lit_module import load_model
-
     device = resolve_device(args.device)
     tokenizer = load_gpt2_tokenizer(args.tokenizer_dir)
     model = load_model(args.checkpoint, map_location=str(device))

@@ -11,6 +11,27 @@ from moe_gpt.hf import LAYER_NORM_EPS, export_hf_gpt2, load_hf_gpt2
 from moe_gpt.model import GPT
 
 GPT2_VOCAB = 50257
+# Trained GPT-2's logits are strongly negative; zero logits of padded vocabulary rows would then
+# take almost all the probability mass.
+NEGATIVE_LOGIT = -30.0
+
+
+@pytest.fixture(scope="module")
+def negative_logits_hf_gpt2_dir(tmp_path_factory) -> Path:
+    """A random ``transformers`` GPT-2 like conftest's ``hf_gpt2_dir``, but with all logits around -30."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=GPT2_VOCAB))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.1)
+        wte, final_bias = model.transformer.wte.weight, model.transformer.ln_f.bias
+        wte.normal_(0.0, 1.0)  # logits a nat or so apart, so the loss depends on the target token
+        # Every final hidden state carries ln_f's bias b, so moving each token row by c*b/|b|^2
+        # moves each logit by about c.
+        wte.add_(NEGATIVE_LOGIT * final_bias / final_bias.square().sum())
+    directory = tmp_path_factory.mktemp("hf_gpt2_negative_logits")
+    model.save_pretrained(directory)
+    return directory
 
 
 def token_ids(vocab_size: int = GPT2_VOCAB) -> torch.Tensor:
@@ -24,7 +45,18 @@ def hf_logits(directory: Path, idx: torch.Tensor) -> torch.Tensor:
 
 def our_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(idx).logits[..., : model.config.vocab_size]
+        return model(idx).logits
+
+
+def hf_lm_loss(directory: Path, idx: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():  # transformers shifts the labels itself: token t+1 is the target at t
+        return GPT2LMHeadModel.from_pretrained(directory).eval()(idx, labels=idx).loss
+
+
+def our_lm_loss(model: GPT, idx: torch.Tensor, loss_chunk_size: int) -> torch.Tensor:
+    """The training loss (gradients enabled, so the chunked path runs its backward-ready Function)."""
+    model.config.loss_chunk_size = loss_chunk_size
+    return model(idx[:, :-1], idx[:, 1:]).lm_loss.detach()
 
 
 def test_loaded_model_gives_the_logits_of_transformers(hf_gpt2_dir):
@@ -33,6 +65,28 @@ def test_loaded_model_gives_the_logits_of_transformers(hf_gpt2_dir):
     assert (model.config.block_size, model.config.vocab_size, model.config.n_embd) == (32, GPT2_VOCAB, 32)
     idx = token_ids()
     torch.testing.assert_close(our_logits(model, idx), hf_logits(hf_gpt2_dir, idx), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_chunk_size", [16, 0], ids=["chunked", "full-logits"])
+def test_loaded_model_gives_the_lm_loss_of_transformers_when_logits_are_negative(
+    negative_logits_hf_gpt2_dir, loss_chunk_size
+):
+    idx = token_ids()
+    assert hf_logits(negative_logits_hf_gpt2_dir, idx).max() < -10
+    model = load_hf_gpt2(str(negative_logits_hf_gpt2_dir))
+    want = hf_lm_loss(negative_logits_hf_gpt2_dir, idx)
+    torch.testing.assert_close(our_lm_loss(model, idx, loss_chunk_size), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("loss_chunk_size", [16, 0], ids=["chunked", "full-logits"])
+def test_exported_and_reimported_model_gives_the_lm_loss_of_transformers(
+    negative_logits_hf_gpt2_dir, tmp_path, loss_chunk_size
+):
+    export_hf_gpt2(load_hf_gpt2(str(negative_logits_hf_gpt2_dir)), tmp_path / "export")
+    again = load_hf_gpt2(str(tmp_path / "export"))
+    idx = token_ids()
+    want = hf_lm_loss(tmp_path / "export", idx)
+    torch.testing.assert_close(our_lm_loss(again, idx, loss_chunk_size), want, rtol=1e-5, atol=0)
 
 
 def test_padded_vocabulary_rows_are_zero(hf_gpt2_dir):

@@ -8,15 +8,20 @@ from moe_gpt.config import GPTConfig, MoEConfig
 from moe_gpt.lm_loss import IGNORE_INDEX, chunked_lm_loss
 from moe_gpt.model import GPT
 
+VOCAB = 96
+GPT2_VOCAB, GPT2_PADDED_VOCAB = 50257, 50304
 
-def plain_loss(hidden, weight, targets):
-    return F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX)
+
+def plain_loss(hidden, weight, targets, vocab_size=VOCAB):
+    """Cross-entropy over the logits of the first ``vocab_size`` weight rows: the rest are padding."""
+    return F.cross_entropy((hidden @ weight.t())[:, :vocab_size], targets, ignore_index=IGNORE_INDEX)
 
 
-def inputs(tokens=37, width=16, vocab=96, ignored=(3, 4, 20)):
+def inputs(tokens=37, width=16, vocab=VOCAB, padding=0, ignored=(3, 4, 20)):
+    """float64 hidden states, an output weight of ``vocab + padding`` rows, and targets below ``vocab``."""
     torch.manual_seed(0)
     hidden = torch.randn(tokens, width, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(vocab, width, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab + padding, width, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(vocab, (tokens,))
     targets[list(ignored)] = IGNORE_INDEX
     return hidden, weight, targets
@@ -33,22 +38,43 @@ def loss_and_grads(loss_fn, hidden, weight, targets, scale=1.0):
 def test_loss_and_gradients_equal_cross_entropy(chunk_size):
     hidden, weight, targets = inputs()
     expected = loss_and_grads(plain_loss, hidden, weight, targets, scale=3.0)
-    chunked = loss_and_grads(lambda *a: chunked_lm_loss(*a, chunk_size), hidden, weight, targets, scale=3.0)
+    chunked = loss_and_grads(lambda *a: chunked_lm_loss(*a, chunk_size, VOCAB), hidden, weight, targets, scale=3.0)
     for got, want in zip(chunked, expected):
         torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk_size", [5, 64])
+def test_padded_weight_rows_take_no_probability_and_get_exactly_zero_gradient(chunk_size):
+    hidden, weight, targets = inputs(padding=32)
+    with torch.no_grad():
+        weight[VOCAB:] *= 10  # padding rows that would dominate the softmax if they were in it
+    expected = loss_and_grads(plain_loss, hidden, weight, targets, scale=3.0)
+    chunked = loss_and_grads(lambda *a: chunked_lm_loss(*a, chunk_size, VOCAB), hidden, weight, targets, scale=3.0)
+    for got, want in zip(chunked, expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    grad_weight = chunked[2]
+    assert not grad_weight[VOCAB:].any() and grad_weight[:VOCAB].abs().sum(1).all()
+
+
+def test_without_gradients_padded_weight_rows_take_no_probability_either():
+    hidden, weight, targets = inputs(padding=32)
+    with torch.no_grad():
+        weight[VOCAB:] *= 10
+        loss = chunked_lm_loss(hidden, weight, targets, 8, VOCAB)
+        torch.testing.assert_close(loss, plain_loss(hidden, weight, targets))
 
 
 def test_without_gradients_only_the_loss_is_computed():
     hidden, weight, targets = inputs()
     with torch.no_grad():
-        loss = chunked_lm_loss(hidden, weight, targets, 8)
+        loss = chunked_lm_loss(hidden, weight, targets, 8, VOCAB)
         torch.testing.assert_close(loss, plain_loss(hidden, weight, targets))
     assert not loss.requires_grad
 
 
 def test_all_targets_ignored_is_zero_loss_and_zero_gradients():
     hidden, weight, targets = inputs(tokens=4, ignored=(0, 1, 2, 3))
-    loss, grad_hidden, grad_weight = loss_and_grads(lambda *a: chunked_lm_loss(*a, 2), hidden, weight, targets)
+    loss, grad_hidden, grad_weight = loss_and_grads(lambda *a: chunked_lm_loss(*a, 2, VOCAB), hidden, weight, targets)
     assert loss.item() == 0 and not grad_hidden.any() and not grad_weight.any()
 
 
@@ -57,7 +83,7 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_stays_close():
     hidden, weight = (t.detach().float().requires_grad_() for t in (hidden, weight))
     expected = loss_and_grads(plain_loss, hidden, weight, targets)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        chunked = loss_and_grads(lambda *a: chunked_lm_loss(*a, 8), hidden, weight, targets)
+        chunked = loss_and_grads(lambda *a: chunked_lm_loss(*a, 8, VOCAB), hidden, weight, targets)
     assert chunked[1].dtype == torch.float32 and chunked[2].dtype == torch.float32
     for got, want in zip(chunked, expected):
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)
@@ -80,23 +106,26 @@ def test_model_training_loss_and_every_gradient_match_the_full_logits_path(use_m
 
     chunked, chunked_grads = run(10)
     full, full_grads = run(0)
-    assert chunked.logits is None and full.logits.shape == (3, 16, 50304)
+    assert chunked.logits is None and full.logits.shape == (3, 16, GPT2_VOCAB)
     torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-5, atol=1e-6)
     assert chunked_grads.keys() == full_grads.keys()
     for name, grad in chunked_grads.items():
         torch.testing.assert_close(grad, full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for grads in (chunked_grads, full_grads):  # tied: the embedding's padded rows are never looked up either
+        assert not grads["transformer.wte.weight"][GPT2_VOCAB:].any()
 
 
 def test_fp16_autocast_keeps_the_small_softmax_gradients():
     # Per-token gradients of ~1/(50k * tokens) underflow in float16; the weight gradient must keep them.
     torch.manual_seed(0)
     hidden = torch.randn(512, 16, requires_grad=True)
-    weight = (0.02 * torch.randn(50304, 16)).requires_grad_()
-    targets = torch.randint(50257, (512,))
-    _, _, want = loss_and_grads(plain_loss, hidden, weight, targets)
+    weight = (0.02 * torch.randn(GPT2_PADDED_VOCAB, 16)).requires_grad_()
+    targets = torch.randint(GPT2_VOCAB, (512,))
+    _, _, want = loss_and_grads(lambda *a: plain_loss(*a, GPT2_VOCAB), hidden, weight, targets)
     with torch.autocast("cpu", dtype=torch.float16):
-        _, _, got = loss_and_grads(lambda *a: chunked_lm_loss(*a, 128), hidden, weight, targets)
-    untargeted = torch.ones(50304, dtype=torch.bool)
+        _, _, got = loss_and_grads(lambda *a: chunked_lm_loss(*a, 128, GPT2_VOCAB), hidden, weight, targets)
+    assert not got[GPT2_VOCAB:].any()
+    untargeted = torch.ones(GPT2_PADDED_VOCAB, dtype=torch.bool)
     untargeted[targets] = False  # rows whose whole gradient is the small softmax part
     got, want = got[untargeted], want[untargeted]
     assert (got - want).norm() / want.norm() < 0.05

@@ -11,6 +11,8 @@ from moe_gpt.intermediate import to_jsonable
 from moe_gpt.model import GPT, MLP, Block
 from moe_gpt.moe import MoELayer
 
+GPT2_VOCAB = 50257  # padded to 50304 inside the model
+
 
 def tiny(use_moe=True, **kwargs) -> GPTConfig:
     moe = kwargs.pop("moe", MoEConfig(num_experts=4, top_k=2))
@@ -38,6 +40,28 @@ def test_input_and_output_embeddings_are_tied():
 
 def test_vocabulary_is_padded_to_a_multiple_of_64():
     assert GPT(tiny()).lm_head.weight.shape[0] == 50304
+
+
+def test_logits_cover_the_real_vocabulary_only():
+    model = GPT(tiny())
+    idx = torch.randint(0, GPT2_VOCAB, (2, 5))
+    assert model(idx).logits.shape == (2, 5, GPT2_VOCAB)
+
+
+@pytest.mark.parametrize("loss_chunk_size", [7, 0], ids=["chunked", "full-logits"])
+def test_padded_vocabulary_rows_neither_change_the_loss_nor_get_gradient(loss_chunk_size):
+    torch.manual_seed(0)
+    model = GPT(tiny(use_moe=False, loss_chunk_size=loss_chunk_size))
+    idx = torch.randint(0, GPT2_VOCAB, (2, 16))
+    padding = model.lm_head.weight[GPT2_VOCAB:]
+    with torch.no_grad():
+        padding.zero_()
+        zero_padding_loss = model(idx, targets=idx).lm_loss
+        padding.normal_(0.0, 10.0)  # logits far above the real ones: they would take all the probability
+    loss = model(idx, targets=idx).lm_loss
+    loss.backward()
+    torch.testing.assert_close(loss, zero_padding_loss)
+    assert not model.lm_head.weight.grad[GPT2_VOCAB:].any()
 
 
 def test_residual_projections_use_scaled_init():
@@ -75,9 +99,9 @@ def test_dense_model_has_zero_router_losses():
 
 def test_initial_lm_loss_is_near_uniform():
     torch.manual_seed(0)
-    idx = torch.randint(0, 50257, (4, 16))
+    idx = torch.randint(0, GPT2_VOCAB, (4, 16))
     out = GPT(tiny())(idx, targets=idx)
-    assert abs(out.lm_loss.item() - math.log(50304)) < 1.0
+    assert abs(out.lm_loss.item() - math.log(GPT2_VOCAB)) < 1.0
 
 
 def test_active_parameters_count_top_k_of_e_experts():

@@ -3,6 +3,8 @@
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,11 +74,19 @@ def test_failed_jobs_are_recorded_and_the_rest_of_the_sweep_completes(tmp_path, 
 
 
 def test_unexpected_error_in_a_single_run_keeps_its_traceback_and_is_recorded(tmp_path, corpus_overrides):
-    result = run_train_cli([*TINY, *SHORT, *corpus_overrides, "trainer.precision=bogus", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    # A bug cannot be asked for from the command line, so one is planted: train() raises, under the real Hydra CLI.
+    args = [*TINY, *SHORT, *corpus_overrides, f"hydra.run.dir={tmp_path}"]
+    planted = (
+        "import runpy, sys; import moe_gpt.run as run\n"
+        "def train(*args, **kwargs): raise RuntimeError('planted bug\\nsecond line')\n"
+        f"run.train = train; sys.argv = ['train.py', *{args!r}]\n"
+        f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", planted], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
-    assert "Traceback" in result.stderr and "Precision 'bogus' is invalid" in result.stderr
+    assert "Traceback" in result.stderr and "RuntimeError: planted bug" in result.stderr
     failure = json.loads((tmp_path / "failure.json").read_text())
-    assert failure["error_type"] == "ValueError" and "\n" not in failure["reason"]
+    assert failure["error_type"] == "RuntimeError" and failure["reason"] == "planted bug"
 
 
 def test_a_diverged_run_is_the_worst_objective_never_nan():

@@ -1,5 +1,6 @@
 """The token cache: contents, the document split, reuse, rebuilds on changed inputs, and safe failure."""
 
+import hashlib
 import json
 import os
 
@@ -115,7 +116,7 @@ def test_meta_records_counts_and_key_inputs(text_corpus, gpt2, tmp_path):
     files = {**documents(3), "odd.txt": b"bad \xff byte"}
     cache = build_or_load_token_cache(text_corpus(files, encoding_errors="replace"), gpt2)
     meta = json.loads((cache.directory / "meta.json").read_text())
-    assert meta["train"] == {"tokens": cache.train_tokens, "documents": cache.train_documents}
+    assert (meta["train"]["tokens"], meta["train"]["documents"]) == (cache.train_tokens, cache.train_documents)
     assert meta["tokenizer"] == {"name": "gpt2", "n_vocab": 50257, "eot_token": EOT}
     assert meta["replaced_characters"] == 1 and meta["key"] in cache.directory.name
     assert meta["key_inputs"]["encoding_errors"] == "replace"
@@ -142,6 +143,50 @@ def test_damaged_cache_is_reported_not_overwritten(text_corpus, gpt2):
         build_or_load_token_cache(cfg, gpt2)
     assert str(cache.directory) in str(error.value)
     assert cache.train_path.stat().st_size == 10
+
+
+@pytest.mark.parametrize(
+    ("files", "val_fraction"),
+    [
+        (documents(4), 0.3),
+        (documents(3), 1e-9),  # a document is moved to val after writing: train.bin is rewritten
+        ({"book.txt": "It was the best of times. " * 40}, 0.1),  # one document: its tail is cut off train.bin
+    ],
+)
+def test_meta_records_the_sha256_of_each_finished_token_file(text_corpus, gpt2, files, val_fraction):
+    cfg = text_corpus(files, val_fraction=val_fraction)
+    cache = build_or_load_token_cache(cfg, gpt2)
+    meta = json.loads((cache.directory / "meta.json").read_text())
+    for split, path in (("train", cache.train_path), ("val", cache.val_path)):
+        assert meta[split]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert build_or_load_token_cache(cfg, gpt2).reused
+
+
+def test_token_file_overwritten_in_place_is_reported_not_trained_on(text_corpus, gpt2):
+    cfg = text_corpus(documents(4))
+    cache = build_or_load_token_cache(cfg, gpt2)
+    zeros = bytes(cache.train_path.stat().st_size)
+    with open(cache.train_path, "r+b") as f:  # in place: same size, same inode, so only the content differs
+        f.write(zeros)
+    before = cache.train_path.stat().st_mtime_ns
+    with pytest.raises(DataError, match="delete that directory") as error:
+        build_or_load_token_cache(cfg, gpt2)
+    assert str(cache.directory) in str(error.value) and "train.bin" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert cache.train_path.read_bytes() == zeros and cache.train_path.stat().st_mtime_ns == before
+    assert [name for name in cache_dirs(cfg) if name.startswith("tiny-")] == [cache.directory.name]  # no rebuild
+
+
+def test_one_flipped_byte_is_detected_and_the_restored_cache_loads_again(text_corpus, gpt2):
+    cfg = text_corpus(documents(6))
+    cache = build_or_load_token_cache(cfg, gpt2)
+    original = cache.val_path.read_bytes()
+    middle = len(original) // 2
+    cache.val_path.write_bytes(original[:middle] + bytes([original[middle] ^ 1]) + original[middle + 1 :])
+    with pytest.raises(DataError, match="val.bin"):
+        build_or_load_token_cache(cfg, gpt2)
+    cache.val_path.write_bytes(original)
+    assert build_or_load_token_cache(cfg, gpt2).reused
 
 
 def test_cache_name_must_be_a_plain_directory_name(text_corpus, gpt2):

@@ -1,11 +1,14 @@
 """The GPT-2 tokenizer: offline ranks file, pinned hash, clear errors, and the fetch script's guards."""
 
+import functools
 import importlib.util
 
 import pytest
+import tiktoken
 from conftest import REPO_ROOT, TOKENIZER_DIR
 
 from moe_gpt.data import DataError, load_gpt2_tokenizer
+from moe_gpt.data import tokenizer as tokenizer_module
 from moe_gpt.data.tokenizer import ENDOFTEXT_ID, GPT2_N_VOCAB, OFFLINE_ENV
 
 
@@ -41,6 +44,23 @@ def test_env_var_skips_tiktoken_download(tmp_path, monkeypatch):
     monkeypatch.setenv(OFFLINE_ENV, "1")
     with pytest.raises(DataError, match="offline mode is on"):
         load_gpt2_tokenizer(tmp_path / "empty")
+
+
+def test_local_ranks_file_is_used_before_tiktoken_download(gpt2, monkeypatch):
+    asked = []
+
+    def no_network(name):
+        asked.append(name)
+        raise AssertionError("tiktoken.get_encoding must not be called while the ranks file exists")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)
+    # A fresh cache, so this call really loads; monkeypatch puts the process-wide one back afterwards.
+    monkeypatch.setattr(tokenizer_module, "_load_cached", functools.cache(tokenizer_module._load_cached.__wrapped__))
+    encoding = load_gpt2_tokenizer(TOKENIZER_DIR, offline=False)
+    assert asked == [] and encoding is not gpt2
+    text = "Hello world, naïve café ✓ <|endoftext|>"
+    assert encoding.encode_ordinary(text) == gpt2.encode_ordinary(text)
+    assert encoding.encode(text, allowed_special="all") == gpt2.encode(text, allowed_special="all")
 
 
 def test_corrupted_ranks_file_is_refused(tmp_path):

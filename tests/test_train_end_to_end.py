@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from moe_gpt.lit_module import load_model
+from moe_gpt.checkpoints import load_model
 from tests.helpers import REPO, TINY, run_train_cli, train_in_process
 
 
@@ -61,7 +61,7 @@ def test_checkpoint_loads_back_into_a_module(tmp_path, corpus_overrides):
     model = load_model(tmp_path / "checkpoints" / "last.ckpt")
     assert model.config.use_moe and model.config.moe.num_experts == 4 and not model.training
     logits = model(torch.zeros(1, 8, dtype=torch.long)).logits
-    assert logits.shape == (1, 8, 50304)
+    assert logits.shape == (1, 8, 50257)  # the real vocabulary: padded rows are not logits
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path, corpus_overrides):
@@ -117,5 +117,5 @@ def test_default_run_lowers_validation_loss_on_the_stdlib_corpus(tmp_path):
     val_losses = [float(r.split(",")[header.index("val/loss")]) for r in rows[1:] if r.split(",")[header.index("val/loss")]]
     assert len(val_losses) >= 2
     assert val_losses[-1] < val_losses[0] < 10.0
-    assert metrics["val_loss"] < 7.5  # from ln(50304) = 10.8 at initialisation
+    assert metrics["val_loss"] < 7.5  # from ln(50257) = 10.8 at initialisation
     assert metrics["params_active"] < metrics["params_total"]

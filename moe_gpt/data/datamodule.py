@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from moe_gpt.config import DataConfig
 from moe_gpt.data.errors import DataError
 from moe_gpt.data.tokenizer import load_gpt2_tokenizer
 from moe_gpt.data.tokens import TOKEN_DTYPE, TokenCache, build_or_load_token_cache
+
+log = logging.getLogger(__name__)
 
 
 class TokenWindows(Dataset):
@@ -67,6 +72,25 @@ class TokenDataModule(L.LightningDataModule):
         self.cache = self._token_cache()
         self.train_dataset = self._windows("train", self.cache.train_path)
         self.val_dataset = self._windows("val", self.cache.val_path)
+        self._check_split_sizes(self.cache, self.train_dataset)
+
+    def _check_split_sizes(self, cache: TokenCache, train: TokenWindows) -> None:
+        """Refuse a training split smaller than one batch; warn when validation got most of the text."""
+        processes = self._replicas()[0]
+        if len(train) // processes < self.cfg.batch_size:
+            raise DataError(
+                f"the train split has {len(train)} windows of model.block_size={self.block_size} tokens for "
+                f"{processes} process(es), fewer than one batch each (data.batch_size={self.cfg.batch_size}); "
+                "add text, or lower data.batch_size or model.block_size"
+            )
+        if cache.val_tokens > cache.train_tokens:
+            # Documents are split whole, by a hash of their text: a corpus of few documents splits unevenly.
+            log.warning(
+                "validation holds %d tokens and training only %d: with few documents the split by document is "
+                "uneven; add documents (or split a long file into several), or lower data.val_fraction",
+                cache.val_tokens,
+                cache.train_tokens,
+            )
 
     @property
     def train_tokens(self) -> int:
@@ -76,25 +100,41 @@ class TokenDataModule(L.LightningDataModule):
     def val_tokens(self) -> int:
         return self._require_cache().val_tokens
 
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)  # a new order each epoch, the same across runs
-        return self._loader(self.train_dataset, shuffle=True, generator=generator)
+    def train_dataloader(self) -> StatefulDataLoader:
+        # Lightning saves and restores a StatefulDataLoader's position, so a resumed run continues
+        # mid-epoch with the very next batch. The sampler shuffles each epoch with seed + epoch and
+        # gives each process every world_size-th window of that order: N processes of batch B see
+        # exactly the windows one process of batch N*B would, for any N.
+        sampler = StatefulDistributedSampler(
+            self._require(self.train_dataset), *self._replicas(), shuffle=True, seed=self.seed, drop_last=True
+        )
+        return StatefulDataLoader(self.train_dataset, sampler=sampler, **self._loader_settings())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False, generator=None)
+        sampler = DistributedSampler(self._require(self.val_dataset), *self._replicas(), shuffle=False, drop_last=True)
+        return DataLoader(self.val_dataset, sampler=sampler, **self._loader_settings())
 
-    def _loader(self, dataset: TokenWindows | None, shuffle: bool, generator: torch.Generator | None) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("TokenDataModule.setup() must run before asking for a dataloader")
-        return DataLoader(
-            dataset,
+    def _replicas(self) -> tuple[int, int]:
+        """(number of processes, this process's rank): each takes its share of the windows."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader_settings(self) -> dict:
+        return dict(
             batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
-            generator=generator,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            # A generator of its own: otherwise every new iterator draws its worker seed from the
+            # global RNG, and validating (or not) would change the dropout masks that follow.
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    @staticmethod
+    def _require(dataset: TokenWindows | None) -> TokenWindows:
+        if dataset is None:
+            raise RuntimeError("TokenDataModule.setup() must run before asking for a dataloader")
+        return dataset
 
     def _token_cache(self) -> TokenCache:
         return build_or_load_token_cache(self.cfg, load_gpt2_tokenizer(self.cfg.tokenizer_dir))

@@ -1,8 +1,9 @@
 """GPT-2 byte-pair encoding through tiktoken, usable without a network connection.
 
-tiktoken downloads GPT-2's ranks on first use. Offline that fails, so we fall back
-to a copy of the same ranks that ``scripts/fetch_tokenizer.py`` puts in
-``data/tokenizer/gpt2.tiktoken``, pinned by its sha256.
+The encoding is built from the local copy of GPT-2's ranks that
+``scripts/fetch_tokenizer.py`` puts in ``data/tokenizer/gpt2.tiktoken``, pinned by its
+sha256, so with that file no run reaches for the network. Only without it do we ask
+tiktoken, which downloads the ranks on first use (and caches them).
 """
 
 from __future__ import annotations
@@ -26,15 +27,16 @@ GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838
 GPT2_N_VOCAB = 50257
 ENDOFTEXT = "<|endoftext|>"
 ENDOFTEXT_ID = 50256
-# Set to 1 to skip tiktoken's own download/cache and read only the local ranks file
-# (tests do this so they exercise the offline path on any machine).
+# Set to 1 to never ask tiktoken, whose download/cache is the fallback when the local
+# ranks file is missing (tests do this so they never reach the network).
 OFFLINE_ENV = "MOE_GPT_TOKENIZER_OFFLINE"
 
 
 def load_gpt2_tokenizer(tokenizer_dir: str | Path = "data/tokenizer", offline: bool | None = None) -> tiktoken.Encoding:
-    """Return the GPT-2 encoding: tiktoken's own, else ``<tokenizer_dir>/gpt2.tiktoken``.
+    """Return the GPT-2 encoding from ``<tokenizer_dir>/gpt2.tiktoken``, else tiktoken's own.
 
-    ``offline=True`` (or ``MOE_GPT_TOKENIZER_OFFLINE=1``) skips tiktoken's download.
+    ``offline=True`` (or ``MOE_GPT_TOKENIZER_OFFLINE=1``) never falls back to tiktoken's
+    download: without the local file it is an error.
     """
     if offline is None:
         offline = os.environ.get(OFFLINE_ENV, "").strip() not in ("", "0")
@@ -44,13 +46,13 @@ def load_gpt2_tokenizer(tokenizer_dir: str | Path = "data/tokenizer", offline: b
 @functools.cache
 def _load_cached(tokenizer_dir: str, offline: bool) -> tiktoken.Encoding:
     # Building an Encoding parses 50k ranks (~1 s), so do it once per process.
+    path = Path(tokenizer_dir) / RANKS_FILENAME
+    if path.is_file():  # first, so a machine with the file never tries (or logs) a download
+        return _from_ranks_file(path)
     if not offline:
         encoding = _from_tiktoken()
         if encoding is not None:
             return encoding
-    path = Path(tokenizer_dir) / RANKS_FILENAME
-    if path.is_file():
-        return _from_ranks_file(path)
     reason = "offline mode is on" if offline else "tiktoken could not download it"
     raise DataError(
         f"GPT-2 tokenizer unavailable: {reason} and {path} does not exist; "
@@ -61,8 +63,8 @@ def _load_cached(tokenizer_dir: str, offline: bool) -> tiktoken.Encoding:
 def _from_tiktoken() -> tiktoken.Encoding | None:
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as exc:  # offline this is a requests ConnectionError; any failure means "use the file"
-        log.info("tiktoken could not provide gpt2 (%s: %.100s); using the local ranks file", type(exc).__name__, exc)
+    except Exception as exc:  # offline this is a requests ConnectionError; the caller reports what to do
+        log.info("tiktoken could not provide gpt2 (%s: %.100s)", type(exc).__name__, exc)
         return None
 
 

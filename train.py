@@ -19,6 +19,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -29,6 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 from moe_gpt.config import ConfigError, RunConfig, register_schema
 from moe_gpt.data import DataError
 from moe_gpt.outcomes import EXIT_BAD_INPUT, EXIT_DIVERGED, Diverged, Interrupted, one_line
+
+if TYPE_CHECKING:
+    from moe_gpt.run import RunRecord  # imported lazily below: Lightning takes seconds to import
 
 log = logging.getLogger("train")
 register_schema()
@@ -51,38 +55,47 @@ def main(cfg: DictConfig) -> float:
     # Imported after Hydra parsed the command line, so --help and --cfg stay instant.
     from moe_gpt.console import tidy_lightning_logging
     from moe_gpt.run import RunRecord, train
-    from moe_gpt.run_dir import has_checkpoints, is_global_zero, record_failure
+    from moe_gpt.run_dir import is_global_zero
 
     tidy_lightning_logging()
+    if not is_global_zero():
+        logging.getLogger().setLevel(logging.ERROR)  # the other processes of a run: their errors only
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     record = RunRecord(overrides=list(hydra_cfg.overrides.task))
     try:
-        cfg, record.overrides = compose_for_resume(cfg, record.overrides, run_dir)
+        cfg, record.overrides = compose_for_resume(cfg, record.overrides, Path(hydra_cfg.runtime.output_dir))
         run_config: RunConfig = OmegaConf.to_object(cfg)  # validates every value
         record.resolved_config = OmegaConf.to_container(cfg, resolve=True)
         record.save_config_files = lambda folder: save_config_files(folder, cfg, record.overrides)
         metrics = train(run_config, record)
     except (Exception, Interrupted) as error:
-        # Into a folder this run does not own (another run's checkpoints, a live run) nothing is written.
-        if is_global_zero() and (record.claimed or not has_checkpoints(run_dir)):
-            if not (run_dir / ".hydra").is_dir():  # a sweep summary finds its jobs by these files
-                save_config_files(run_dir, cfg, record.overrides)
-            record_failure(run_dir, error, record.overrides, step=getattr(error, "step", None))
-        if isinstance(error, Interrupted):
-            log.error("%s", one_line(error))
-            sys.exit(error.exit_code)  # ends a sweep too: the signal was meant for the whole command
-        user_error = isinstance(error, USER_ERRORS + (Diverged,))
-        if not (in_sweep or user_error):
-            raise  # a bug: the traceback, exit code 1
-        # sys.exit would end the whole sweep (Hydra's launchers only catch Exception), so a
-        # sweep logs the failure (with the traceback when it is not bad input) and goes on.
-        log.error("%s", one_line(error), exc_info=None if user_error else error)
-        if in_sweep:
-            return FAILED_JOB_OBJECTIVE
-        sys.exit(EXIT_DIVERGED if isinstance(error, Diverged) else EXIT_BAD_INPUT)
+        return end_failed_job(error, cfg, record, in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
     return sweep_objective(metrics)
+
+
+def end_failed_job(error: BaseException, cfg: DictConfig, record: "RunRecord", in_sweep: bool) -> float:
+    """Record why the job failed, then exit with its code, or (in a sweep) return the worst objective."""
+    from moe_gpt.run_dir import FolderRefused, has_checkpoints, is_global_zero, record_failure
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # Into a folder this run does not own (another run's checkpoints, a live run) nothing is written.
+    foreign = isinstance(error, FolderRefused) or has_checkpoints(run_dir)
+    if is_global_zero() and (record.claimed or not foreign):
+        if not (run_dir / ".hydra").is_dir():  # a sweep summary finds its jobs by these files
+            save_config_files(run_dir, cfg, record.overrides)
+        record_failure(run_dir, error, record.overrides, step=getattr(error, "step", None))
+    if isinstance(error, Interrupted):
+        log.error("%s", one_line(error))
+        sys.exit(error.exit_code)  # ends a sweep too: the signal was meant for the whole command
+    user_error = isinstance(error, USER_ERRORS + (Diverged,))
+    if not (in_sweep or user_error):
+        raise error  # a bug: the traceback, exit code 1
+    # sys.exit would end the whole sweep (Hydra's launchers only catch Exception), so a
+    # sweep logs the failure (with the traceback when it is not bad input) and goes on.
+    log.error("%s", one_line(error), exc_info=None if user_error else error)
+    if in_sweep:
+        return FAILED_JOB_OBJECTIVE
+    sys.exit(EXIT_DIVERGED if isinstance(error, Diverged) else EXIT_BAD_INPUT)
 
 
 def compose_for_resume(cfg: DictConfig, overrides: list[str], run_dir: Path) -> tuple[DictConfig, list[str]]:

@@ -58,8 +58,8 @@ def validation_follows(trainer: L.Trainer) -> bool:
     A checkpoint of a step that is validated is saved after the validation: one saved before it
     would, on resume, skip that validation (Lightning does not repeat it), losing its val/loss.
     """
-    epoch_loop = trainer.fit_loop.epoch_loop
-    return (epoch_loop.total_batch_idx + 1) % trainer.val_check_batch == 0 or epoch_loop.batch_progress.is_last_batch
+    # Lightning's rule for an integer val_check_interval with check_val_every_n_epoch=None (trainer.py).
+    return (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % trainer.val_check_batch == 0
 
 
 def save_checkpoint_and_logs(trainer: L.Trainer, path: Path) -> None:

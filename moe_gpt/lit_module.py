@@ -64,8 +64,10 @@ class GPTLightningModule(L.LightningModule):
         self._stop_if_diverged(out.loss)
         # Counted here, not at batch end: callbacks that checkpoint at batch end run before the module's hook.
         self.tokens_seen += x.numel() * self.trainer.world_size  # every process trained on a batch this size
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log_dict({"train/lm_loss": out.lm_loss, "train/aux_loss": out.aux_loss, "train/z_loss": out.z_loss})
+        # Averaged over the processes (each saw as many tokens): the loss of the whole step's batch.
+        self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
+        losses = {"train/lm_loss": out.lm_loss, "train/aux_loss": out.aux_loss, "train/z_loss": out.z_loss}
+        self.log_dict(losses, sync_dist=True)
         return out.loss
 
     def _stop_if_diverged(self, loss: Tensor) -> None:

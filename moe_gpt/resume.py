@@ -35,6 +35,7 @@ NOT_CARRIED_OVER = ("resume", "init_from")  # settings of the earlier command th
 class Resume:
     path: Path
     checkpoint: dict[str, Any]  # memory-mapped: its tensors are read only when used
+    requeued: bool = False  # resumed without being asked: a requeued SLURM job
 
     @property
     def step(self) -> int:
@@ -54,8 +55,7 @@ def find_resume(resume: Optional[str], run_dir: Path) -> Optional[Resume]:
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume is None:
         if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and last.is_file():
-            log.info("requeued SLURM job: resuming from %s", last)
-            return Resume(last, read_checkpoint(last))
+            return Resume(last, read_checkpoint(last), requeued=True)
         return None
     path = last if resume == "last" else Path(resume).expanduser()
     if not path.is_file():

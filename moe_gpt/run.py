@@ -75,6 +75,8 @@ def _train_in_claimed_dir(cfg: RunConfig, record: RunRecord, resume: Optional[Re
     run_dir = Path(cfg.run_dir)
     for warning in run_warnings(cfg):
         log.warning(warning)
+    if resume is not None and resume.requeued:
+        log.info("requeued SLURM job: resuming from %s", resume.path)
     if resume is not None and cfg.init_from is not None:
         log.warning("init_from=%s ignored: resuming from %s, whose weights win", cfg.init_from, resume.path)
     L.seed_everything(cfg.seed, workers=True)

@@ -27,6 +27,7 @@ from moe_gpt.compose import compose_run_config
 from moe_gpt.config import ConfigError, config_warnings
 from moe_gpt.data import DataError, load_gpt2_tokenizer
 from moe_gpt.intermediate import to_jsonable
+from moe_gpt.outcomes import EXIT_BAD_INPUT, one_line
 
 
 def analyze_config(args: argparse.Namespace) -> None:
@@ -73,7 +74,8 @@ def main() -> None:
     try:
         args.run(args)
     except (ConfigError, DataError, HydraException) as error:
-        sys.exit("error: " + " ".join(str(error).split()))  # one line, also for Hydra's multi-line messages
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from moe_gpt.compose import compose_run_config
 from moe_gpt.config import ConfigError, RunConfig
 from moe_gpt.data import DataError, TokenDataModule
 from moe_gpt.expert_usage import usage_heatmap_png
+from moe_gpt.outcomes import EXIT_BAD_INPUT, one_line
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_DEFAULT = ["trainer.max_steps=100", "trainer.val_check_interval=25", "trainer.limit_val_batches=10"]
@@ -170,7 +171,8 @@ def main() -> None:
     try:
         run(args)
     except (ConfigError, DataError, HydraException) as error:
-        sys.exit("error: " + " ".join(str(error).split()))  # one line, also for Hydra's multi-line messages
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def run(args: argparse.Namespace) -> None:

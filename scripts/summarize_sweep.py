@@ -60,7 +60,8 @@ def job_outcome(job_dir: Path) -> dict[str, Any]:
     latest = max(recorded, key=lambda path: path.stat().st_mtime)
     if latest.name == "failure.json":
         failure = read_json(latest)
-        return {"status": "failed", "reason": f"{failure['error_type']}: {failure['reason']}"}
+        # "failed", or "interrupted" for a job stopped by a signal (it can be resumed)
+        return {"status": failure.get("status", "failed"), "reason": f"{failure['error_type']}: {failure['reason']}"}
     return {"status": "ok", **read_json(latest)}
 
 
@@ -167,7 +168,7 @@ def optuna_best(sweep_dir: Path) -> Optional[str]:
 
 
 def status_counts(rows: list[dict[str, Any]]) -> str:
-    counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "failed", "incomplete")}
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "failed", "interrupted", "incomplete")}
     return f"{len(rows)} jobs: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n)
 
 

@@ -1,8 +1,10 @@
 """Shared by the tests that train: a tiny run config, and ways to run train.py."""
 
+import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from moe_gpt.compose import compose_run_config
@@ -36,3 +38,34 @@ def run_train_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def train_in_process(overrides: list[str], run_dir: Path) -> dict:
     return train(compose_run_config(overrides, run_dir=str(run_dir)))
+
+
+def start_train_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """train.py in the background (for sending it signals); its stderr is captured."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 300, containing: str = "") -> None:
+    """Until ``path`` exists (and holds ``containing``), or fail if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and containing in path.read_text(errors="replace")):
+        if process.poll() is not None:
+            raise AssertionError(f"train.py ended (code {process.returncode}) before {path} appeared:\n{process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)
+
+
+def csv_column(run_dir: Path, column: str) -> list[tuple[int, float]]:
+    """(step, value) for every row of the run's CSV log that has ``column``."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
+        return [(int(row["step"]), float(row[column])) for row in csv.DictReader(handle) if row.get(column)]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """What a failed run printed as errors: Hydra's log lines at ERROR, or train.py's own ``error:`` line."""
+    return [line for line in stderr.splitlines() if "][ERROR]" in line or line.startswith("error:")]

@@ -108,5 +108,5 @@ def test_analyze_routing_cli_missing_checkpoint_is_one_line(tmp_path):
         [sys.executable, str(REPO / "scripts" / "analyze.py"), "routing", "--checkpoint", str(tmp_path / "no.ckpt"), "--text", "x"],
         capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'no.ckpt'} does not exist; pass a .ckpt from a run's checkpoints/ folder"]

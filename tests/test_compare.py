@@ -71,7 +71,7 @@ def test_comparison_refuses_a_non_empty_output_directory(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
     )
-    assert result.returncode == 1 and "is not empty" in result.stderr
+    assert result.returncode == 2 and "is not empty" in result.stderr
     assert (tmp_path / "report.md").read_text() == "an earlier report"
 
 
@@ -89,5 +89,5 @@ def test_bad_comparison_input_is_one_line_and_creates_nothing(tmp_path, args, me
     out = tmp_path / "report"
     command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and message in result.stderr
+    assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()

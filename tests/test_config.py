@@ -5,14 +5,17 @@ from hydra.errors import ConfigCompositionException
 
 from moe_gpt.compose import compose_run_config
 from moe_gpt.config import (
+    CheckpointConfig,
     ConfigError,
     DataConfig,
     GPTConfig,
     LoggerConfig,
     MoEConfig,
     OptimConfig,
+    RunConfig,
     TrainerConfig,
     config_warnings,
+    run_warnings,
 )
 
 
@@ -40,6 +43,20 @@ from moe_gpt.config import (
         (lambda: DataConfig(batch_size=0), "data.batch_size"),
         (lambda: DataConfig(encoding_errors="ignore"), "data.encoding_errors"),
         (lambda: OptimConfig(lr=0), "optim.lr"),
+        (lambda: OptimConfig(lr=float("inf")), "optim.lr"),
+        (lambda: OptimConfig(lr=float("nan")), "optim.lr"),
+        (lambda: OptimConfig(beta1=1.5), "optim.beta1"),
+        (lambda: OptimConfig(beta2=-0.1), "optim.beta2"),
+        (lambda: OptimConfig(eps=0), "optim.eps"),
+        (lambda: TrainerConfig(precision="bogus"), "trainer.precision"),
+        (lambda: TrainerConfig(devices=0), "trainer.devices"),
+        (lambda: TrainerConfig(devices=[]), "trainer.devices"),
+        (lambda: TrainerConfig(devices="gpu"), "trainer.devices"),
+        (lambda: TrainerConfig(num_nodes=0), "trainer.num_nodes"),
+        (lambda: CheckpointConfig(every_n_steps=0), "checkpoint.every_n_steps"),
+        (lambda: RunConfig(seed=-1), "seed"),
+        (lambda: RunConfig(seed=2**32), "seed"),
+        (lambda: GPTConfig(n_layer=4, use_moe=True, moe=MoEConfig(every_n_layers=5)), "model.moe.every_n_layers"),
         (lambda: TrainerConfig(max_steps=0), "trainer.max_steps"),
         (lambda: LoggerConfig(kind="tensorboard"), "logger.kind"),
         (lambda: LoggerConfig(mode="sometimes"), "logger.mode"),
@@ -63,6 +80,17 @@ def test_warnings_for_top_k_equal_to_experts_and_many_experts_on_small_model():
     assert any("one expert" in w for w in config_warnings(GPTConfig(use_moe=True, moe=MoEConfig(num_experts=1, top_k=1))))
     assert config_warnings(GPTConfig(n_embd=256, use_moe=True, moe=MoEConfig(num_experts=8, top_k=2))) == []
     assert config_warnings(GPTConfig(use_moe=False, moe=MoEConfig(num_experts=64, top_k=64))) == []
+
+
+def test_device_settings_lightning_accepts_are_accepted():
+    for devices in ("auto", -1, 1, 4, "2", "0,1", [0, 1]):
+        TrainerConfig(devices=devices)
+
+
+def test_warmup_longer_than_training_is_a_warning():
+    run = compose_run_config(["trainer.max_steps=10", "optim.warmup_steps=50"])
+    assert any("optim.warmup_steps=50 is longer than trainer.max_steps=10" in w for w in run_warnings(run))
+    assert not any("warmup" in w for w in run_warnings(compose_run_config(["trainer.max_steps=100"])))
 
 
 def test_default_config_is_moe_on_stdlib_cpu_wandb():

@@ -132,7 +132,8 @@ def test_slurm_launcher_config_extends_the_submitit_schema():
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (1, 1, 1)
     assert launcher.partition and launcher.timeout_min > 0 and launcher.mem_gb > 0
-    assert launcher.max_num_timeout == 0  # a schema default, present because slurm.yaml extends it
+    assert launcher.max_num_timeout == 10 and launcher.signal_delay_s == 120  # requeue at the time limit
+    assert launcher.mem_per_cpu is None  # a schema default, present because slurm.yaml extends it
 
 
 def test_summary_of_a_directory_without_jobs_is_a_one_line_error(tmp_path, load_script, capsys):

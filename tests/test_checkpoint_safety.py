@@ -1,0 +1,126 @@
+"""Checkpoints are read as data, never as code, and a damaged file is one line that names it.
+
+The payload test is live: the same file loaded the unsafe way really runs it (it creates a file),
+so "the marker file does not exist" proves each entry point refused it.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_gpt.checkpoints import load_model
+from moe_gpt.config import ConfigError, GPTConfig
+from moe_gpt.model import GPT
+from tests.helpers import REPO, TINY, error_lines, run_train_cli
+
+
+class Payload:
+    """Unpickling this creates ``marker``: code a checkpoint could run on whoever loads it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def payload_checkpoint(tiny_checkpoint, tmp_path) -> tuple[Path, Path]:
+    """A real training checkpoint with a payload added; returns (checkpoint, marker the payload creates)."""
+    marker = tmp_path / "payload-ran"
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["callbacks"]["innocent-looking"] = Payload(marker)
+    path = tmp_path / "last.ckpt"
+    torch.save(checkpoint, path)
+    torch.load(path, weights_only=False)  # the unsafe way: the payload runs
+    assert marker.exists()
+    marker.unlink()
+    return path, marker
+
+
+def test_load_model_refuses_a_checkpoint_that_would_run_code(payload_checkpoint):
+    path, marker = payload_checkpoint
+    with pytest.raises(ConfigError, match="would run as code when loaded; refused") as error:
+        load_model(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    assert not marker.exists()
+
+
+def test_generate_analyze_and_export_refuse_it_with_one_line(payload_checkpoint, tmp_path):
+    path, marker = payload_checkpoint
+    commands = [
+        ["generate.py", "--checkpoint", str(path), "--max-new-tokens", "2"],
+        ["analyze.py", "routing", "--checkpoint", str(path), "--text", "x"],
+        ["export_hf.py", "--checkpoint", str(path), "--out", str(tmp_path / "export")],
+    ]
+    for script, *args in commands:
+        result = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, (script, result.stderr[-2000:])
+        assert result.stderr.strip().splitlines() == [f"error: checkpoint {path} holds Python objects that would run as code when loaded; refused. Load only checkpoints written by moe-gpt (they hold tensors and plain values)"]
+        assert not marker.exists(), script
+
+
+@pytest.mark.parametrize("key", ["resume", "init_from"])
+def test_training_refuses_it_before_building_any_data(payload_checkpoint, corpus_overrides, tmp_path, key):
+    path, marker = payload_checkpoint
+    cache = tmp_path / "fresh-token-cache"
+    args = TINY + corpus_overrides + [f"data.cache_dir={cache}", f"{key}={path}", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = run_train_cli(args, cwd=tmp_path)
+    assert result.returncode == 2
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "would run as code when loaded; refused" in errors[0], result.stderr[-2000:]
+    assert not marker.exists() and not cache.exists()
+
+
+def damaged_files(tiny_checkpoint: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, what the one-line error says about it)."""
+    empty, truncated, foreign, text = (folder / name for name in ("empty.ckpt", "truncated.ckpt", "foreign.pt", "notes.ckpt"))
+    empty.write_bytes(b"")
+    data = tiny_checkpoint.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])  # a copy cut off mid-write
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    text.write_text("not a checkpoint\n")
+    return {
+        "empty": (empty, "is empty (0 bytes); use another checkpoint of that run, e.g. best.ckpt"),
+        "truncated": (truncated, "is damaged or truncated"),
+        "foreign": (foreign, "is not a moe-gpt training checkpoint"),
+        "text": (text, "is damaged or truncated"),
+    }
+
+
+def test_damaged_or_foreign_files_are_one_line_errors_naming_the_file(tiny_checkpoint, tmp_path):
+    for name, (path, message) in damaged_files(tiny_checkpoint, tmp_path).items():
+        with pytest.raises(ConfigError) as error:
+            load_model(path)
+        assert message in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value), name
+
+
+def test_resuming_from_a_truncated_checkpoint_fails_before_any_data_is_built(tiny_checkpoint, corpus_overrides, tmp_path):
+    path, message = damaged_files(tiny_checkpoint, tmp_path)["truncated"]
+    cache = tmp_path / "fresh-token-cache"
+    args = TINY + corpus_overrides + [f"data.cache_dir={cache}", f"resume={path}", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = run_train_cli(args, cwd=tmp_path)
+    assert result.returncode == 2
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+    assert not cache.exists()
+
+
+def test_a_compiled_model_keeps_the_plain_models_keys():
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
+    keys = list(model.state_dict())
+    model.compile()  # what compile=true does: in place, no wrapper module
+    assert list(model.state_dict()) == keys
+
+
+def test_checkpoints_of_compiled_models_from_before_load_everywhere(tiny_checkpoint, tmp_path):
+    # torch.compile's wrapper put "_orig_mod." in every key: such checkpoints still load.
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["state_dict"] = {key.replace("model.", "model._orig_mod.", 1): value for key, value in checkpoint["state_dict"].items()}
+    path = tmp_path / "compiled.ckpt"
+    torch.save(checkpoint, path)
+    idx = torch.arange(8)[None]
+    torch.testing.assert_close(load_model(path)(idx).logits, load_model(tiny_checkpoint)(idx).logits, rtol=0, atol=0)

@@ -1,0 +1,133 @@
+"""How runs fail: bad input is one line and exit code 2 before any work, divergence is loud, and a
+run never writes into a folder that is not its own."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from moe_gpt.outcomes import Diverged
+from moe_gpt.run_dir import write_json
+from tests.helpers import TINY, csv_column, error_lines, run_train_cli, start_train_cli, train_in_process, wait_for_file
+
+
+def folder_state(folder) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data=nope", "error: In 'config': Could not find 'data/nope' Available options in 'data': fineweb_edu shakespeare"),
+        ("model.moe.top_k=two", "error: Error merging override model.moe.top_k=two: Value 'two' of type 'str' could not be converted to Integer"),
+        ("model.moe.num_expert=4", "error: Could not override 'model.moe.num_expert': Key 'num_expert' not in 'MoEConfig'"),
+    ],
+)
+def test_a_config_that_does_not_compose_is_one_line_and_exit_code_2(tmp_path, override, message):
+    result = run_train_cli([override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.beta1=1.5", "optim.beta1=1.5 must be in [0, 1)"),
+        ("optim.lr=inf", "optim.lr=inf must be a finite positive number"),
+        ("trainer.precision=bogus", "trainer.precision='bogus' is unknown; choose one of 32-true, bf16-mixed"),
+        ("trainer.devices=0", "trainer.devices=0 must be a positive number"),
+        ("seed=-1", "seed=-1 must be between 0 and 4294967295"),
+        ("model.vocab_size=100", "model.vocab_size=100 is smaller than the GPT-2 tokenizer's 50257 token ids"),
+        ("model.moe.every_n_layers=3", "model.moe.every_n_layers=3 is above model.n_layer=2, so no block gets an MoE layer"),
+        ("trainer.accelerator=gpu", "trainer.accelerator=gpu but no CUDA GPU is available here; use trainer=cpu"),
+    ],
+)
+def test_a_bad_value_is_one_line_and_exit_code_2_before_any_data(tmp_path, corpus_overrides, override, message):
+    if override == "trainer.accelerator=gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cache = tmp_path / "fresh-token-cache"
+    args = TINY + corpus_overrides + [f"data.cache_dir={cache}", override, f"hydra.run.dir={tmp_path / 'run'}"]
+    result = run_train_cli(args, cwd=tmp_path)
+    assert result.returncode == 2
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not cache.exists()
+    assert json.loads((tmp_path / "run" / "failure.json").read_text())["error_type"] == "ConfigError"
+
+
+def test_divergence_stops_the_run_with_one_line_and_keeps_finite_checkpoints(tmp_path, corpus_overrides):
+    args = TINY + corpus_overrides + ["optim.lr=1e3", "logger=csv", "checkpoint.every_n_steps=1", f"hydra.run.dir={tmp_path}"]
+    result = run_train_cli(args, cwd=tmp_path)
+    assert result.returncode == 3
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "training diverged:" in errors[0] and "lower optim.lr" in errors[0], result.stderr[-2000:]
+    failure = json.loads((tmp_path / "failure.json").read_text())
+    assert failure["error_type"] == "Diverged" and f"at step {failure['step']}" in failure["reason"]
+    assert not (tmp_path / "metrics.json").exists()
+    for name in ("last.ckpt", "best.ckpt"):
+        checkpoint = torch.load(tmp_path / "checkpoints" / name, weights_only=True)
+        assert checkpoint["global_step"] < failure["step"]
+        assert all(torch.isfinite(tensor).all() for tensor in checkpoint["state_dict"].values()), name
+
+
+def test_a_non_finite_loss_stops_before_the_optimizer_step(tmp_path, corpus_overrides):
+    # Checkpoints only at the end: the loss check, not the checkpoint check, has to catch it.
+    with pytest.raises(Diverged, match=r"training diverged: the loss is nan at step \d+; lower optim.lr \(now 1e\+30\)") as stopped:
+        train_in_process(TINY + corpus_overrides + ["optim.lr=1e30", "logger=csv", "trainer.max_steps=20"], tmp_path)
+    logged = csv_column(tmp_path, "train/loss")
+    assert all(math.isfinite(loss) for _, loss in logged) and len(logged) == stopped.value.step - 1
+
+
+@pytest.mark.slow
+def test_a_diverged_job_fails_in_the_sweep_summary_and_gives_optuna_infinity(tmp_path, corpus_overrides, load_script, capsys):
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", *TINY, *corpus_overrides, "hparams_search=moe_optuna", "hydra.sweeper.n_trials=1", "optim.lr=1e30"]
+    result = run_train_cli([*args, "logger=none", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (sweep_dir / "optimization_results.yaml").read_text().count("best_value: .inf") == 1
+    load_script("summarize_sweep").main([str(sweep_dir)])
+    assert "| failed | Diverged: training diverged:" in capsys.readouterr().out
+
+
+def test_records_are_strict_json(tmp_path):
+    write_json(tmp_path / "metrics.json", {"val_loss": float("nan"), "history": [{"loss": float("inf")}], "ok": 1.5})
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in JSON")
+
+    record = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert record == {"val_loss": None, "history": [{"loss": None}], "ok": 1.5}
+
+
+def test_a_folder_with_another_runs_checkpoints_is_refused_and_left_untouched(tmp_path, corpus_overrides):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"earlier run")
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("earlier: run\n")
+    (tmp_path / "train.log").write_text("earlier run's log\n")
+    before = folder_state(tmp_path)
+    result = run_train_cli(TINY + corpus_overrides + [f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 2
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "already holds checkpoints; pass resume=last" in errors[0]
+    assert folder_state(tmp_path) == before
+
+
+def test_a_second_run_in_the_folder_of_a_live_run_is_refused(tmp_path, corpus_overrides):
+    # No checkpoint while the test runs: the lock, not the checkpoints, has to keep the second run out.
+    endless = ["trainer.max_steps=100000", "checkpoint.every_n_steps=100000", "trainer.val_check_interval=100000"]
+    first = start_train_cli(TINY + corpus_overrides + endless + [f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    try:
+        wait_for_file(tmp_path / "train.log", first, containing="Seed set to")  # the folder is claimed and recorded
+        before = folder_state(tmp_path / ".hydra")
+        result = run_train_cli(TINY + corpus_overrides + [f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+        assert result.returncode == 2
+        errors = error_lines(result.stderr)
+        assert len(errors) == 1 and f"another run is training in {tmp_path} right now" in errors[0]
+        assert folder_state(tmp_path / ".hydra") == before and not (tmp_path / "failure.json").exists()
+    finally:
+        first.kill()
+        first.wait()

@@ -1,0 +1,217 @@
+"""Resume and preemption through the real CLI: kill -9, SIGTERM, Ctrl-C, SLURM requeue, and what a resume may change.
+
+"The same run" means: every weight of the final checkpoint equal with atol=0, and the same
+per-step training losses, validation losses and token counts as the run left alone.
+"""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moe_gpt.outcomes import Interrupted
+from moe_gpt.preemption import stop_signals_raise
+from tests.helpers import REPO, TINY, csv_column, error_lines, run_train_cli, start_train_cli, wait_for_file
+
+# Dropout, gradient accumulation, validation every 2 steps and last.ckpt at every step: every
+# piece of state a resume must restore (RNG, data position, optimizer, schedule, loops) matters.
+RESUMABLE = TINY + [
+    "logger=csv",
+    "checkpoint.every_n_steps=1",
+    "trainer.max_steps=10",
+    "trainer.val_check_interval=4",
+    "trainer.accumulate_grad_batches=2",
+    "model.dropout=0.1",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus_overrides) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_train_cli(RESUMABLE + corpus_overrides + [f"hydra.run.dir={run_dir}"], cwd=run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def last_checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def assert_same_run(expected: Path, actual: Path) -> None:
+    weights, resumed = last_checkpoint(expected)["state_dict"], last_checkpoint(actual)["state_dict"]
+    assert weights.keys() == resumed.keys()
+    assert all(torch.equal(weights[key], resumed[key]) for key in weights), "weights differ"
+    for column in ("train/loss", "val/loss", "lr-AdamW"):
+        assert csv_column(actual, column) == csv_column(expected, column), column
+    metrics, resumed_metrics = (json.loads((d / "metrics.json").read_text()) for d in (expected, actual))
+    assert resumed_metrics["train_tokens"] == metrics["train_tokens"] == 10 * 2 * 4 * 32
+    strip_time = lambda history: [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]  # noqa: E731
+    assert strip_time(resumed_metrics["val_history"]) == strip_time(metrics["val_history"])
+    assert [entry["step"] for entry in metrics["val_history"]] == [2, 4, 6, 8, 10]
+
+
+def resume_last(run_dir: Path) -> None:
+    """``resume=last`` with nothing else repeated: the run's own settings come from its checkpoint."""
+    result = run_train_cli([f"hydra.run.dir={run_dir}", "resume=last"], cwd=run_dir.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("delay", [0.0, pytest.param(0.4, marks=pytest.mark.slow), pytest.param(0.8, marks=pytest.mark.slow)])
+def test_a_run_killed_with_sigkill_resumes_into_the_same_run(uninterrupted, corpus_overrides, tmp_path, delay):
+    run_dir = tmp_path / "run"
+    process = start_train_cli(RESUMABLE + corpus_overrides + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
+    time.sleep(delay)  # lands anywhere: in a step, a validation or a checkpoint write
+    process.kill()
+    process.wait()
+    assert 1 <= last_checkpoint(run_dir)["global_step"] < 10  # killed mid-run, checkpoint intact
+
+    resume_last(run_dir)
+    assert_same_run(uninterrupted, run_dir)
+
+
+@pytest.mark.parametrize(
+    "signum,exit_code", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)]
+)
+def test_sigterm_and_ctrl_c_save_the_step_record_it_and_resume_exactly(
+    uninterrupted, corpus_overrides, tmp_path, signum, exit_code
+):
+    run_dir = tmp_path / "run"
+    process = start_train_cli(RESUMABLE + corpus_overrides + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+
+    assert process.returncode == exit_code
+    step = last_checkpoint(run_dir)["global_step"]
+    name = signal.Signals(signum).name
+    assert error_lines(stderr)[-1].endswith(f"stopped by {name} at step {step}; checkpoints/last.ckpt holds it")
+    failure = json.loads((run_dir / "failure.json").read_text())
+    assert (failure["status"], failure["error_type"], failure["step"]) == ("interrupted", "Interrupted", step)
+    assert not (run_dir / "metrics.json").exists()
+
+    resume_last(run_dir)
+    assert_same_run(uninterrupted, run_dir)
+
+
+def test_a_stop_signal_before_training_starts_stops_at_once():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as stopped, stop_signals_raise():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # never reached: the handler raises
+    assert stopped.value.step is None and stopped.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory, corpus_overrides) -> Path:
+    """A dense run of 3 steps, logged to W&B (offline), to resume in various ways."""
+    run_dir = tmp_path_factory.mktemp("dense") / "run"
+    args = TINY + corpus_overrides + ["model=dense", "logger=wandb", "trainer.max_steps=3", f"hydra.run.dir={run_dir}"]
+    result = run_train_cli(args, cwd=run_dir.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def folder_state(run_dir: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.n_layer=3", "resume=last has model.n_layer=2 but this run has model.n_layer=3; set model.n_layer=2"),
+        ("model=moe", "resume=last has model.use_moe=False but this run has model.use_moe=True"),
+        ("trainer.max_steps=3", "is already at step 3; set trainer.max_steps above 3 to train further"),
+        ("data.val_fraction=0.5", "resume=last: data.val_fraction differs from the run being resumed"),
+        ("seed=7", "resume=last: seed differs from the run being resumed"),
+    ],
+)
+def test_a_resume_whose_change_cannot_take_effect_is_refused_and_writes_nothing(dense_run, override, message):
+    before = folder_state(dense_run)
+    args = [f"hydra.run.dir={dense_run}", "resume=last", "trainer.max_steps=5", override]  # the override wins
+    result = run_train_cli(args, cwd=dense_run.parent)
+    assert result.returncode == 2
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert folder_state(dense_run) == before
+
+
+def test_resume_uses_the_runs_own_config_applies_new_optimizer_values_and_continues_its_logs(dense_run, tmp_path):
+    # Copied, so the refusal tests above keep a 3-step run to work on.
+    run_dir = tmp_path / "run"
+    os.system(f"cp -a {dense_run} {run_dir}")
+    result = run_train_cli([f"hydra.run.dir={run_dir}", "resume=last", "trainer.max_steps=6", "optim.lr=5e-4"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["model"] == "dense" and metrics["steps"] == 6  # model=dense was not repeated
+    assert metrics["train_tokens"] == 6 * 4 * 32
+    assert [entry["step"] for entry in metrics["val_history"]] == [3, 6]  # the first session's point is kept
+    assert metrics["val_history"][1]["seconds"] > metrics["val_history"][0]["seconds"]
+    assert "resumed optimizer follows this run's optim settings: initial_lr 0.001 -> 0.0005" in result.stderr
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert "model=dense" in overrides and overrides[-3:] == ["resume=last", "trainer.max_steps=6", "optim.lr=5e-4"]
+    # One W&B run per folder: the resumed session logs to the same run id.
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1
+    assert last_checkpoint(run_dir)["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 5e-4
+
+
+@pytest.mark.slow
+def test_a_slurm_requeue_signal_saves_requeues_and_the_requeued_job_resumes(corpus_overrides, tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    scontrol = fake_bin / "scontrol"  # records its arguments instead of talking to a cluster
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.calls"}\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    slurm = {
+        "PATH": f"{fake_bin}:{os.environ['PATH']}",
+        **{"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1"},
+        **{"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"},
+    }
+    run_dir = tmp_path / "run"
+    args = RESUMABLE + corpus_overrides + [f"hydra.run.dir={run_dir}"]
+    process = start_train_cli(args, cwd=tmp_path, env=slurm)
+    wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signal.SIGUSR1)  # what `sbatch --signal=USR1@120` sends before the time limit
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGUSR1, stderr[-2000:]
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"
+
+    # SLURM starts the same command again, with SLURM_RESTART_COUNT set: it resumes without being asked.
+    restarted = start_train_cli(args, cwd=tmp_path, env={**slurm, "SLURM_RESTART_COUNT": "1"})
+    _, stderr = restarted.communicate(timeout=300)
+    assert restarted.returncode == 0, stderr[-2000:]
+    assert "requeued SLURM job: resuming from" in stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 10
+
+
+@pytest.mark.slow
+def test_a_requeue_handler_installed_before_training_is_called_after_the_step_is_saved(corpus_overrides, tmp_path):
+    # submitit installs a SIGUSR2 handler that requeues the job; here a stand-in records that it ran.
+    run_dir, marker = tmp_path / "run", tmp_path / "requeued"
+    args = RESUMABLE + corpus_overrides + [f"hydra.run.dir={run_dir}"]
+    wrapper = (
+        "import runpy, signal, sys\n"
+        f"signal.signal(signal.SIGUSR2, lambda signum, frame: open({str(marker)!r}, 'w').write('requeue'))\n"
+        f"sys.argv = ['train.py', *{args!r}]\n"
+        f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')"
+    )
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    process = subprocess.Popen([sys.executable, "-c", wrapper], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signal.SIGUSR2)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGUSR2, stderr[-2000:]
+    assert marker.read_text() == "requeue"
+    step = last_checkpoint(run_dir)["global_step"]
+    assert json.loads((run_dir / "failure.json").read_text())["step"] == step < 10

@@ -43,7 +43,9 @@ class ContinuingCSVLogger(CSVLogger):
     """
 
     def __init__(self, run_dir: Path, resumed_step: Optional[int]):
-        super().__init__(save_dir=str(run_dir), name="csv", version="")
+        # Every row is written when it is logged (not every 100 steps): a killed run's file then
+        # holds every step its last checkpoint covers.
+        super().__init__(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)
         self.resumed_step = resumed_step
 
     @property

@@ -90,7 +90,8 @@ class Experts(nn.Module):
 
 
 def switch_load_balance_loss(probs_TE: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-    """Switch Transformer loss E * sum_i f_i * P_i: 1.0 for uniform routing, E for total collapse.
+    """Switch Transformer loss E * sum_i f_i * P_i: 1.0 for uniform routing; at most E / top_k, reached
+    when every token sends its top_k slots to the same top_k experts with all their probability.
 
     f_i is the share of token-slots sent to expert i (not differentiable; a constant weight),
     P_i the mean router probability of expert i (carries the gradient).

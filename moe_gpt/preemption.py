@@ -57,6 +57,7 @@ class StopAtStepEnd(L.Callback):
         self._handlers_before: dict[int, Any] = {}
         self._steps_seen = -1
         self._stop_after_validation = False
+        self._stop_before_next_batch = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Installed here, after Lightning's own SIGTERM handler (which stops mid-accumulation and
@@ -82,16 +83,26 @@ class StopAtStepEnd(L.Callback):
         if validation_follows(trainer):  # the validation of this step goes into the checkpoint too
             self._stop_after_validation = True
         else:
-            self._save_and_stop(trainer)
+            self._save(trainer)
+            self._stop_before_next_batch = True  # once Lightning has logged this step's metrics
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._stop_after_validation and not trainer.sanity_checking:
-            self._save_and_stop(trainer)
+            self._save(trainer)
+            self._stop(trainer)
 
-    def _save_and_stop(self, trainer: L.Trainer) -> None:
-        signum = self.received or signal.SIGTERM  # another process received it
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        if self._stop_before_next_batch:
+            self._stop(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
         save_checkpoint_and_logs(trainer, self.last_checkpoint)
         log.warning("saved %s at step %d", self.last_checkpoint, trainer.global_step)
+
+    def _stop(self, trainer: L.Trainer) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+        signum = self.received or signal.SIGTERM  # another process received it
         if signum in REQUEUE_SIGNALS and trainer.is_global_zero:
             self._hand_over_for_requeue(signum)
         raise Interrupted(signum, trainer.global_step)

@@ -104,7 +104,8 @@ def compose_for_resume(cfg: DictConfig, overrides: list[str], run_dir: Path) -> 
     The checkpoint holds that run's overrides; composing them with this command's (which win) gives
     the resumed run's config, so nothing has to be repeated.
     """
-    from moe_gpt.resume import find_resume, merge_overrides, saved_overrides
+    from moe_gpt.compose import merge_overrides
+    from moe_gpt.resume import find_resume, saved_overrides
 
     resume = find_resume(OmegaConf.select(cfg, "resume"), run_dir)
     saved = None if resume is None else saved_overrides(resume)

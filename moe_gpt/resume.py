@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from moe_gpt.checkpoints import ARCHITECTURE_KEYS, check_weights_fit, model_config, read_checkpoint
+from moe_gpt.compose import override_key
 from moe_gpt.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
@@ -67,17 +68,6 @@ def saved_overrides(resume: Resume) -> Optional[list[str]]:
     """The command-line overrides of the run that wrote the checkpoint (None for older checkpoints)."""
     overrides = resume.record.get("overrides")
     return None if overrides is None else [o for o in overrides if override_key(o) not in NOT_CARRIED_OVER]
-
-
-def override_key(override: str) -> str:
-    """``model.n_layer`` for ``model.n_layer=6``, ``+x=1``, ``++x=1`` and ``~x``."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def merge_overrides(earlier: list[str], later: list[str]) -> list[str]:
-    """Both lists, with ``later`` winning for a key given in both (Hydra refuses a key given twice)."""
-    later_keys = {override_key(o) for o in later}
-    return [o for o in earlier if override_key(o) not in later_keys] + later
 
 
 def check_resumable(resume: Resume, cfg: RunConfig) -> None:

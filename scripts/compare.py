@@ -31,7 +31,7 @@ from hydra.errors import HydraException
 
 from moe_gpt.analysis import flops_per_token, routing_report
 from moe_gpt.checkpoints import load_model
-from moe_gpt.compose import compose_run_config
+from moe_gpt.compose import compose_run_config, merge_overrides
 from moe_gpt.config import ConfigError, RunConfig
 from moe_gpt.data import DataError, TokenDataModule
 from moe_gpt.expert_usage import usage_heatmap_png
@@ -66,12 +66,6 @@ def parse_variant(spec: str, n_embd: int, match: str) -> Variant:
             raise ConfigError(f"variant {spec}: 4*n_embd={4 * n_embd} is not divisible by top_k={top_k}; use --match none")
         overrides.append(f"model.moe.hidden_size={4 * n_embd // top_k}")
     return Variant(spec.replace(":", "-"), overrides)
-
-
-def merge_overrides(defaults: list[str], user: list[str]) -> list[str]:
-    """User overrides replace defaults for the same key (Hydra rejects a key given twice)."""
-    user_keys = {override.split("=", 1)[0] for override in user}
-    return [o for o in defaults if o.split("=", 1)[0] not in user_keys] + user
 
 
 def train_variant(variant: Variant, base: list[str], run_dir: Path, group: str) -> dict:

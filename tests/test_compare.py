@@ -7,12 +7,12 @@ import sys
 import pytest
 
 from moe_gpt.analysis import parameter_counts
-from moe_gpt.compose import compose_run_config
+from moe_gpt.compose import compose_run_config, merge_overrides
 from moe_gpt.config import ConfigError
 from tests.helpers import REPO, TINY
 
 sys.path.insert(0, str(REPO / "scripts"))
-from compare import merge_overrides, parse_variant  # noqa: E402
+from compare import parse_variant  # noqa: E402
 
 
 def test_dense_variant_is_the_dense_model():

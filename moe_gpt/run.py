@@ -73,12 +73,7 @@ def check_vocabulary(cfg: RunConfig) -> None:
 def _train_in_claimed_dir(cfg: RunConfig, record: RunRecord, resume: Optional[Resume]) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
-    for warning in run_warnings(cfg):
-        log.warning(warning)
-    if resume is not None and resume.requeued:
-        log.info("requeued SLURM job: resuming from %s", resume.path)
-    if resume is not None and cfg.init_from is not None:
-        log.warning("init_from=%s ignored: resuming from %s, whose weights win", cfg.init_from, resume.path)
+    log_run_warnings(cfg, resume)
     L.seed_everything(cfg.seed, workers=True)
     init_state = initial_weights(cfg) if resume is None else None  # before the data: a bad init_from fails fast
 
@@ -90,29 +85,13 @@ def _train_in_claimed_dir(cfg: RunConfig, record: RunRecord, resume: Optional[Re
         module.model.compile()  # in place: the checkpoint keeps the plain model's keys
     model_kind = "moe" if cfg.model.use_moe else "dense"
     wandb_id = continued_wandb_id(resume, run_dir)
-    loggers = build_loggers(
-        cfg.logger,
-        run_dir,
-        f"{model_kind}-{run_dir.name}",
-        record.resolved_config or asdict(cfg),
-        wandb_id,
-        resume.step if resume is not None else None,
-    )
-    checkpoint_dir = run_dir / "checkpoints"
-    best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1)
-    stop = StopAtStepEnd(checkpoint_dir / "last.ckpt")
-    callbacks = [
-        best,
-        LastCheckpoint(checkpoint_dir / "last.ckpt", cfg.checkpoint.every_n_steps),
-        stop,
-        RunRecordCallback({"overrides": record.overrides, "config": asdict(cfg), "wandb_id": wandb_id}),
-        RNGStateCallback(),
-        ExpertUsageLogger(cfg.logger.expert_stats_every_n_steps, cfg.logger.heatmap_every_n_steps),
-        StepProgressBar(),
-    ]
-    if loggers:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer = build_trainer(cfg, loggers, callbacks)
+    config_to_log = record.resolved_config or asdict(cfg)
+    resumed_step = resume.step if resume is not None else None
+    loggers = build_loggers(cfg.logger, run_dir, f"{model_kind}-{run_dir.name}", config_to_log, wandb_id, resumed_step)
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1)
+    run_record = {"overrides": record.overrides, "config": asdict(cfg), "wandb_id": wandb_id}
+    trainer = build_trainer(cfg, loggers, run_callbacks(cfg, best, run_record, with_lr_monitor=bool(loggers)))
+    warn_if_world_size_changed(resume, trainer)
     try:
         fit_started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
@@ -131,6 +110,42 @@ def _train_in_claimed_dir(cfg: RunConfig, record: RunRecord, resume: Optional[Re
         write_json(run_dir / "metrics.json", metrics)
         log.info("metrics: %s", metrics)
     return metrics
+
+
+def log_run_warnings(cfg: RunConfig, resume: Optional[Resume]) -> None:
+    for warning in run_warnings(cfg):
+        log.warning(warning)
+    if resume is not None and resume.requeued:
+        log.info("requeued SLURM job: resuming from %s", resume.path)
+    if resume is not None and cfg.init_from is not None:
+        log.warning("init_from=%s ignored: resuming from %s, whose weights win", cfg.init_from, resume.path)
+
+
+def run_callbacks(
+    cfg: RunConfig, best: ModelCheckpoint, run_record: dict[str, Any], with_lr_monitor: bool
+) -> list[L.Callback]:
+    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    callbacks = [
+        best,
+        LastCheckpoint(last, cfg.checkpoint.every_n_steps),
+        StopAtStepEnd(last),
+        RunRecordCallback(run_record),
+        RNGStateCallback(),
+        ExpertUsageLogger(cfg.logger.expert_stats_every_n_steps, cfg.logger.heatmap_every_n_steps),
+        StepProgressBar(),
+    ]
+    return callbacks + [LearningRateMonitor(logging_interval="step")] if with_lr_monitor else callbacks
+
+
+def warn_if_world_size_changed(resume: Optional[Resume], trainer: L.Trainer) -> None:
+    saved = resume.record.get("world_size", trainer.world_size) if resume is not None else trainer.world_size
+    if saved != trainer.world_size:
+        log.warning(
+            "resuming a run of %d process(es) with %d: training continues, but not exactly as it would have "
+            "(the data position was saved per process)",
+            saved,
+            trainer.world_size,
+        )
 
 
 def continued_wandb_id(resume: Optional[Resume], run_dir: Path) -> str:

@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="train.py overrides applied to every variant")
     parser.add_argument("--variants", default="dense,moe:4:1,moe:8:2", help="comma-separated variants")
     parser.add_argument("--match", choices=["active", "none"], default="active")
-    parser.add_argument("--out", default=None, help="report directory (default: outputs/compare/<date_time>)")
+    parser.add_argument("--out", default=None, help="report directory (default: outputs/compare/compare-<date_time>)")
     args = parser.parse_args()
     try:
         run(args)

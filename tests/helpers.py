@@ -69,3 +69,8 @@ def csv_column(run_dir: Path, column: str) -> list[tuple[int, float]]:
 def error_lines(stderr: str) -> list[str]:
     """What a failed run printed as errors: Hydra's log lines at ERROR, or train.py's own ``error:`` line."""
     return [line for line in stderr.splitlines() if "][ERROR]" in line or line.startswith("error:")]
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file below ``folder`` with its size and modification time: equal states mean nothing was written."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}

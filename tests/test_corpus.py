@@ -4,6 +4,7 @@ import json
 import logging
 import sysconfig
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -139,3 +140,13 @@ def test_hub_unknown_split_is_a_one_line_error(tmp_path):
     with pytest.raises(DataError, match="hub_split|split='validation'") as error:
         load_corpus(hub_config(tmp_path, folder, hub_split="validation"))
     assert "\n" not in str(error.value)
+
+
+def test_reading_local_files_asks_the_network_nothing(text_corpus, monkeypatch):
+    requests = []
+    # As on a machine that is online (the test session itself is forced offline).
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
+    monkeypatch.setattr(datasets.load, "get_session", lambda: SimpleNamespace(head=lambda *a, **k: requests.append(a)))
+    assert texts(text_corpus({"a.txt": "hello"})) == ["hello"]
+    assert requests == []

@@ -9,11 +9,9 @@ import torch
 
 from moe_gpt.outcomes import Diverged
 from moe_gpt.run_dir import write_json
-from tests.helpers import TINY, csv_column, error_lines, run_train_cli, start_train_cli, train_in_process, wait_for_file
+from tests.helpers import TINY, csv_column, error_lines, folder_state, run_train_cli, start_train_cli, train_in_process, wait_for_file
 
 
-def folder_state(folder) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ per-step training losses, validation losses and token counts as the run left alo
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -19,7 +20,7 @@ import yaml
 
 from moe_gpt.outcomes import Interrupted
 from moe_gpt.preemption import stop_signals_raise
-from tests.helpers import REPO, TINY, csv_column, error_lines, run_train_cli, start_train_cli, wait_for_file
+from tests.helpers import REPO, TINY, csv_column, error_lines, folder_state, run_train_cli, start_train_cli, wait_for_file
 
 # Dropout, gradient accumulation, validation every 2 steps and last.ckpt at every step: every
 # piece of state a resume must restore (RNG, data position, optimizer, schedule, loops) matters.
@@ -121,8 +122,6 @@ def dense_run(tmp_path_factory, corpus_overrides) -> Path:
     return run_dir
 
 
-def folder_state(run_dir: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize(
@@ -148,7 +147,7 @@ def test_a_resume_whose_change_cannot_take_effect_is_refused_and_writes_nothing(
 def test_resume_uses_the_runs_own_config_applies_new_optimizer_values_and_continues_its_logs(dense_run, tmp_path):
     # Copied, so the refusal tests above keep a 3-step run to work on.
     run_dir = tmp_path / "run"
-    os.system(f"cp -a {dense_run} {run_dir}")
+    shutil.copytree(dense_run, run_dir)
     result = run_train_cli([f"hydra.run.dir={run_dir}", "resume=last", "trainer.max_steps=6", "optim.lr=5e-4"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -229,6 +229,9 @@ def load_text_documents(
     would store a second (Arrow) copy, and datasets keys that copy on file mtimes
     alone, so a quick edit could be served stale.
     """
+    # datasets would tell the hub it "downloaded" the text builder (a network request, up to 3 s
+    # offline); local files are not a download, so that count is switched off.
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
     return datasets.load_dataset(
         "text",
         data_files=[glob.escape(str(path)) for path in files],  # data_files are patterns: escape [ ] * ?

@@ -16,6 +16,7 @@ against it, so a file changed after the build is reported instead of trained on.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -136,6 +137,14 @@ def _verify_checksums(directory: Path, checksums: dict[Path, str]) -> None:
 
 
 def _file_checksum(path: Path) -> str:
+    stat = path.stat()
+    return _checksum_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _checksum_of(path: str, size: int, mtime_ns: int) -> str:
+    # A run opens its cache several times (prepare, fit, validate): each file is hashed once per
+    # process, and again whenever its size or modification time changes.
     with open(path, "rb") as f:
         return hashlib.file_digest(f, CHECKSUM).hexdigest()
 

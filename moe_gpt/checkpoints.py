@@ -44,8 +44,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile):
         raise _damaged(path) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "model_config" not in checkpoint.get(
-        "hyper_parameters", {}
+    if (
+        not isinstance(checkpoint, dict)
+        or "state_dict" not in checkpoint
+        or "model_config" not in checkpoint.get("hyper_parameters", {})
     ):
         raise ConfigError(
             f"{path} is not a moe-gpt training checkpoint (no model and model config in it); "
@@ -95,8 +97,12 @@ def check_weights_fit(source: GPTConfig, run: GPTConfig, what: str, keys: tuple[
     """The weights of a ``source`` model must fit ``run``'s model; the error names the first key that differs."""
     differences = [(f"model.{key}", getattr(source, key), getattr(run, key)) for key in keys]
     if source.use_moe and run.use_moe:
-        differences += [(f"model.moe.{key}", getattr(source.moe, key), getattr(run.moe, key)) for key in MOE_ARCHITECTURE_KEYS]
+        differences += [
+            (f"model.moe.{key}", getattr(source.moe, key), getattr(run.moe, key)) for key in MOE_ARCHITECTURE_KEYS
+        ]
         differences.append(("model.moe.hidden_size", source.ffn_hidden_size, run.ffn_hidden_size))
     for key, source_value, run_value in differences:
         if source_value != run_value:
-            raise ConfigError(f"{what} has {key}={source_value} but this run has {key}={run_value}; set {key}={source_value}")
+            raise ConfigError(
+                f"{what} has {key}={source_value} but this run has {key}={run_value}; set {key}={source_value}"
+            )

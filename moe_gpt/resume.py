@@ -80,7 +80,10 @@ def check_resumable(resume: Resume, cfg: RunConfig) -> None:
     check_weights_fit(model_config(resume.checkpoint), cfg.model, f"resume={cfg.resume}", SHAPE_KEYS)
     saved = resume.record.get("config")
     if saved is None:
-        log.warning("%s has no record of its run's settings (an older checkpoint): its data and seed are not checked", resume.path)
+        log.warning(
+            "%s has no record of its run's settings (an older checkpoint): its data and seed are not checked",
+            resume.path,
+        )
         return
     current = asdict(cfg)
     changed = [f"data.{key}" for key in DATA_KEYS if saved["data"].get(key) != current["data"][key]]

@@ -60,7 +60,10 @@ def check_multirun_launch(trainer: L.Trainer) -> None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
     launcher = trainer.strategy.launcher
-    if isinstance(launcher, _SubprocessScriptLauncher) and not launcher.cluster_environment.creates_processes_externally:
+    if (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and not launcher.cluster_environment.creates_processes_externally
+    ):
         raise ConfigError(
             f"-m with {trainer.world_size} processes per job: Lightning starts the extra processes by re-running "
             "this command line, which would start the whole sweep again in each; run each job without -m, or sweep "

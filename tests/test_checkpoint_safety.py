@@ -57,9 +57,15 @@ def test_generate_analyze_and_export_refuse_it_with_one_line(payload_checkpoint,
         ["export_hf.py", "--checkpoint", str(path), "--out", str(tmp_path / "export")],
     ]
     for script, *args in commands:
-        result = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 2, (script, result.stderr[-2000:])
-        assert result.stderr.strip().splitlines() == [f"error: checkpoint {path} holds Python objects that would run as code when loaded; refused. Load only checkpoints written by moe-gpt (they hold tensors and plain values)"]
+        refused = (
+            "holds Python objects that would run as code when loaded; refused. "
+            "Load only checkpoints written by moe-gpt (they hold tensors and plain values)"
+        )
+        assert result.stderr.strip().splitlines() == [f"error: checkpoint {path} {refused}"]
         assert not marker.exists(), script
 
 
@@ -77,7 +83,9 @@ def test_training_refuses_it_before_building_any_data(payload_checkpoint, corpus
 
 def damaged_files(tiny_checkpoint: Path, folder: Path) -> dict[str, tuple[Path, str]]:
     """name -> (file, what the one-line error says about it)."""
-    empty, truncated, foreign, text = (folder / name for name in ("empty.ckpt", "truncated.ckpt", "foreign.pt", "notes.ckpt"))
+    empty, truncated, foreign, text = (
+        folder / name for name in ("empty.ckpt", "truncated.ckpt", "foreign.pt", "notes.ckpt")
+    )
     empty.write_bytes(b"")
     data = tiny_checkpoint.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])  # a copy cut off mid-write
@@ -98,7 +106,9 @@ def test_damaged_or_foreign_files_are_one_line_errors_naming_the_file(tiny_check
         assert message in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value), name
 
 
-def test_resuming_from_a_truncated_checkpoint_fails_before_any_data_is_built(tiny_checkpoint, corpus_overrides, tmp_path):
+def test_resuming_from_a_truncated_checkpoint_fails_before_any_data_is_built(
+    tiny_checkpoint, corpus_overrides, tmp_path
+):
     path, message = damaged_files(tiny_checkpoint, tmp_path)["truncated"]
     cache = tmp_path / "fresh-token-cache"
     args = TINY + corpus_overrides + [f"data.cache_dir={cache}", f"resume={path}", f"hydra.run.dir={tmp_path / 'run'}"]
@@ -119,7 +129,9 @@ def test_a_compiled_model_keeps_the_plain_models_keys():
 def test_checkpoints_of_compiled_models_from_before_load_everywhere(tiny_checkpoint, tmp_path):
     # torch.compile's wrapper put "_orig_mod." in every key: such checkpoints still load.
     checkpoint = torch.load(tiny_checkpoint, weights_only=True)
-    checkpoint["state_dict"] = {key.replace("model.", "model._orig_mod.", 1): value for key, value in checkpoint["state_dict"].items()}
+    checkpoint["state_dict"] = {
+        key.replace("model.", "model._orig_mod.", 1): value for key, value in checkpoint["state_dict"].items()
+    }
     path = tmp_path / "compiled.ckpt"
     torch.save(checkpoint, path)
     idx = torch.arange(8)[None]

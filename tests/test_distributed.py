@@ -16,7 +16,9 @@ def train_cli(args: list[str], run_dir) -> dict:
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_twice_the_batch(tmp_path, corpus_overrides):
     alone = train_cli(corpus_overrides + ["data.batch_size=4"], tmp_path / "alone")
-    ddp = train_cli(corpus_overrides + ["data.batch_size=2", "trainer.devices=2", "trainer.strategy=ddp"], tmp_path / "ddp")
+    ddp = train_cli(
+        corpus_overrides + ["data.batch_size=2", "trainer.devices=2", "trainer.strategy=ddp"], tmp_path / "ddp"
+    )
 
     assert (ddp["world_size"], alone["world_size"]) == (2, 1)
     # Each step saw the same windows: the losses agree up to float summation order.
@@ -26,7 +28,9 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(tmp_path, cor
         assert [loss for _, loss in actual] == pytest.approx([loss for _, loss in expected], rel=1e-4), column
     # Expert shares are summed over both processes' tokens before they are logged.
     share = "moe/layer0/expert0_share"
-    assert [s for _, s in csv_column(tmp_path / "ddp", share)] == pytest.approx([s for _, s in csv_column(tmp_path / "alone", share)], abs=0.02)
+    assert [s for _, s in csv_column(tmp_path / "ddp", share)] == pytest.approx(
+        [s for _, s in csv_column(tmp_path / "alone", share)], abs=0.02
+    )
     # One metrics.json, written once, counting both processes' tokens.
     assert ddp["train_tokens"] == alone["train_tokens"] == 6 * 4 * 32
     assert [h["tokens"] for h in ddp["val_history"]] == [h["tokens"] for h in alone["val_history"]]
@@ -39,5 +43,7 @@ def test_a_sweep_with_several_processes_per_job_is_refused_with_how_to_run_it(tm
     assert result.returncode == 0  # a sweep records a failed job and goes on
     for job in ("0", "1"):
         failure = json.loads((sweep_dir / job / "failure.json").read_text())
-        assert failure["reason"].startswith("-m with 2 processes per job: Lightning starts the extra processes by re-running")
+        assert failure["reason"].startswith(
+            "-m with 2 processes per job: Lightning starts the extra processes by re-running"
+        )
         assert "run each job without -m, or sweep with hydra/launcher=slurm" in failure["reason"]

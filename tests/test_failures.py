@@ -9,17 +9,33 @@ import torch
 
 from moe_gpt.outcomes import Diverged
 from moe_gpt.run_dir import write_json
-from tests.helpers import TINY, csv_column, error_lines, folder_state, run_train_cli, start_train_cli, train_in_process, wait_for_file
-
-
+from tests.helpers import (
+    TINY,
+    csv_column,
+    error_lines,
+    folder_state,
+    run_train_cli,
+    start_train_cli,
+    train_in_process,
+    wait_for_file,
+)
 
 
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("data=nope", "error: In 'config': Could not find 'data/nope' Available options in 'data': fineweb_edu shakespeare"),
-        ("model.moe.top_k=two", "error: Error merging override model.moe.top_k=two: Value 'two' of type 'str' could not be converted to Integer"),
-        ("model.moe.num_expert=4", "error: Could not override 'model.moe.num_expert': Key 'num_expert' not in 'MoEConfig'"),
+        (
+            "data=nope",
+            "error: In 'config': Could not find 'data/nope' Available options in 'data': fineweb_edu shakespeare",
+        ),
+        (
+            "model.moe.top_k=two",
+            "error: Error merging override model.moe.top_k=two: Value 'two' of type 'str' could not be converted to Integer",
+        ),
+        (
+            "model.moe.num_expert=4",
+            "error: Could not override 'model.moe.num_expert': Key 'num_expert' not in 'MoEConfig'",
+        ),
     ],
 )
 def test_a_config_that_does_not_compose_is_one_line_and_exit_code_2(tmp_path, override, message):
@@ -39,7 +55,10 @@ def test_a_config_that_does_not_compose_is_one_line_and_exit_code_2(tmp_path, ov
         ("trainer.devices=0", "trainer.devices=0 must be a positive number"),
         ("seed=-1", "seed=-1 must be between 0 and 4294967295"),
         ("model.vocab_size=100", "model.vocab_size=100 is smaller than the GPT-2 tokenizer's 50257 token ids"),
-        ("model.moe.every_n_layers=3", "model.moe.every_n_layers=3 is above model.n_layer=2, so no block gets an MoE layer"),
+        (
+            "model.moe.every_n_layers=3",
+            "model.moe.every_n_layers=3 is above model.n_layer=2, so no block gets an MoE layer",
+        ),
         ("trainer.accelerator=gpu", "trainer.accelerator=gpu but no CUDA GPU is available here; use trainer=cpu"),
     ],
 )
@@ -57,11 +76,17 @@ def test_a_bad_value_is_one_line_and_exit_code_2_before_any_data(tmp_path, corpu
 
 
 def test_divergence_stops_the_run_with_one_line_and_keeps_finite_checkpoints(tmp_path, corpus_overrides):
-    args = TINY + corpus_overrides + ["optim.lr=1e3", "logger=csv", "checkpoint.every_n_steps=1", f"hydra.run.dir={tmp_path}"]
+    args = (
+        TINY
+        + corpus_overrides
+        + ["optim.lr=1e3", "logger=csv", "checkpoint.every_n_steps=1", f"hydra.run.dir={tmp_path}"]
+    )
     result = run_train_cli(args, cwd=tmp_path)
     assert result.returncode == 3
     errors = error_lines(result.stderr)
-    assert len(errors) == 1 and "training diverged:" in errors[0] and "lower optim.lr" in errors[0], result.stderr[-2000:]
+    assert len(errors) == 1 and "training diverged:" in errors[0] and "lower optim.lr" in errors[0], result.stderr[
+        -2000:
+    ]
     failure = json.loads((tmp_path / "failure.json").read_text())
     assert failure["error_type"] == "Diverged" and f"at step {failure['step']}" in failure["reason"]
     assert not (tmp_path / "metrics.json").exists()
@@ -73,14 +98,18 @@ def test_divergence_stops_the_run_with_one_line_and_keeps_finite_checkpoints(tmp
 
 def test_a_non_finite_loss_stops_before_the_optimizer_step(tmp_path, corpus_overrides):
     # Checkpoints only at the end: the loss check, not the checkpoint check, has to catch it.
-    with pytest.raises(Diverged, match=r"training diverged: the loss is nan at step \d+; lower optim.lr \(now 1e\+30\)") as stopped:
+    with pytest.raises(
+        Diverged, match=r"training diverged: the loss is nan at step \d+; lower optim.lr \(now 1e\+30\)"
+    ) as stopped:
         train_in_process(TINY + corpus_overrides + ["optim.lr=1e30", "logger=csv", "trainer.max_steps=20"], tmp_path)
     logged = csv_column(tmp_path, "train/loss")
     assert all(math.isfinite(loss) for _, loss in logged) and len(logged) == stopped.value.step - 1
 
 
 @pytest.mark.slow
-def test_a_diverged_job_fails_in_the_sweep_summary_and_gives_optuna_infinity(tmp_path, corpus_overrides, load_script, capsys):
+def test_a_diverged_job_fails_in_the_sweep_summary_and_gives_optuna_infinity(
+    tmp_path, corpus_overrides, load_script, capsys
+):
     sweep_dir = tmp_path / "sweep"
     args = ["-m", *TINY, *corpus_overrides, "hparams_search=moe_optuna", "hydra.sweeper.n_trials=1", "optim.lr=1e30"]
     result = run_train_cli([*args, "logger=none", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)

@@ -20,7 +20,16 @@ import yaml
 
 from moe_gpt.outcomes import Interrupted
 from moe_gpt.preemption import stop_signals_raise
-from tests.helpers import REPO, TINY, csv_column, error_lines, folder_state, run_train_cli, start_train_cli, wait_for_file
+from tests.helpers import (
+    REPO,
+    TINY,
+    csv_column,
+    error_lines,
+    folder_state,
+    run_train_cli,
+    start_train_cli,
+    wait_for_file,
+)
 
 # Dropout, gradient accumulation, validation every 2 steps and last.ckpt at every step: every
 # piece of state a resume must restore (RNG, data position, optimizer, schedule, loops) matters.
@@ -65,7 +74,9 @@ def resume_last(run_dir: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("delay", [0.0, pytest.param(0.4, marks=pytest.mark.slow), pytest.param(0.8, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "delay", [0.0, pytest.param(0.4, marks=pytest.mark.slow), pytest.param(0.8, marks=pytest.mark.slow)]
+)
 def test_a_run_killed_with_sigkill_resumes_into_the_same_run(uninterrupted, corpus_overrides, tmp_path, delay):
     run_dir = tmp_path / "run"
     process = start_train_cli(RESUMABLE + corpus_overrides + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
@@ -122,8 +133,6 @@ def dense_run(tmp_path_factory, corpus_overrides) -> Path:
     return run_dir
 
 
-
-
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -148,7 +157,9 @@ def test_resume_uses_the_runs_own_config_applies_new_optimizer_values_and_contin
     # Copied, so the refusal tests above keep a 3-step run to work on.
     run_dir = tmp_path / "run"
     shutil.copytree(dense_run, run_dir)
-    result = run_train_cli([f"hydra.run.dir={run_dir}", "resume=last", "trainer.max_steps=6", "optim.lr=5e-4"], cwd=tmp_path)
+    result = run_train_cli(
+        [f"hydra.run.dir={run_dir}", "resume=last", "trainer.max_steps=6", "optim.lr=5e-4"], cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -206,7 +217,9 @@ def test_a_requeue_handler_installed_before_training_is_called_after_the_step_is
         f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')"
     )
     env = {**os.environ, "WANDB_MODE": "offline"}
-    process = subprocess.Popen([sys.executable, "-c", wrapper], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", wrapper], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
     wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
     process.send_signal(signal.SIGUSR2)
     _, stderr = process.communicate(timeout=300)

@@ -28,6 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from moe_gpt.config import ConfigError, RunConfig, register_schema
+from moe_gpt.cpu_memory import reuse_freed_cpu_memory
 from moe_gpt.data import DataError
 from moe_gpt.outcomes import EXIT_BAD_INPUT, EXIT_DIVERGED, Diverged, Interrupted, one_line
 
@@ -52,6 +53,7 @@ def sweep_objective(metrics: dict) -> float:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float:
+    reuse_freed_cpu_memory()  # here, not at import: also in sweep jobs, which call main() directly
     # Imported after Hydra parsed the command line, so --help and --cfg stay instant.
     from moe_gpt.console import tidy_lightning_logging
     from moe_gpt.run import RunRecord, train

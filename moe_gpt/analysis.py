@@ -35,7 +35,10 @@ def flops_per_token(config: GPTConfig) -> dict[str, int]:
     d, t = config.n_embd, config.block_size
     attention = 2 * (4 * d * d) + 2 * (2 * t * d)  # qkv + output projections; scores and weighted values
     dense_ffn = 2 * (2 * d * 4 * d)
-    moe_ffn = 2 * (d * config.moe.num_experts) + config.moe.top_k * 2 * (2 * d * config.ffn_hidden_size)
+    moe = config.moe
+    router = 2 * (d * moe.num_experts) * (2 if moe.router == "noisy" else 1)  # noisy: a second map for the noise
+    experts_per_token = moe.top_k + moe.num_shared_experts  # at most top_k with top_p
+    moe_ffn = router + experts_per_token * 2 * (2 * d * config.ffn_hidden_size)
     ffn = sum(moe_ffn if config.is_moe_layer(i) else dense_ffn for i in range(config.n_layer))
     forward = config.n_layer * attention + ffn + 2 * d * config.padded_vocab_size  # + output layer
     return {"forward_flops_per_token": forward, "train_flops_per_token": 3 * forward}
@@ -51,12 +54,15 @@ def memory_estimate(config: GPTConfig, batch_size: int, precision: str = "32-tru
     d, h = config.n_embd, config.ffn_hidden_size
     # Saved for backward per token and block: layer-norm inputs, qkv, attention output and
     # projections (~10 d), plus the FFN's hidden activations (before and after the nonlinearity).
-    ffn_width = [config.moe.top_k * h + config.moe.num_experts if config.is_moe_layer(i) else 4 * d for i in range(config.n_layer)]
+    moe_width = (config.moe.top_k + config.moe.num_shared_experts) * h + config.moe.num_experts
+    ffn_width = [moe_width if config.is_moe_layer(i) else 4 * d for i in range(config.n_layer)]
     activations = tokens * act_bytes * sum(10 * d + 2 * w for w in ffn_width)
     # float32 logits and their gradient: for the whole batch, or for one chunk of the chunked loss
     # (which also keeps a float32 gradient of the output weight).
     if config.loss_chunk_size > 0:
-        logits = min(tokens, config.loss_chunk_size) * config.padded_vocab_size * 4 * 2 + d * config.padded_vocab_size * 4
+        logits = (
+            min(tokens, config.loss_chunk_size) * config.padded_vocab_size * 4 * 2 + d * config.padded_vocab_size * 4
+        )
     else:
         logits = tokens * config.padded_vocab_size * 4 * 2
     mib = 2**20
@@ -90,7 +96,8 @@ def recommended_settings(config: GPTConfig) -> list[str]:
 
 @torch.no_grad()
 def routing_report(model: GPT, idx: torch.Tensor, include_intermediate: bool = False) -> dict[str, Any]:
-    """Per MoE layer: the share of token-slots each expert got and the switch balance loss for ``idx``."""
+    """Per MoE layer for ``idx``: the share of token-slots each expert got, the switch balance loss, experts
+    per token (below top_k with top_p) and the share of slots dropped by the capacity."""
     out = model(idx, return_intermediate=True)
     layers = []
     for block_index, item in enumerate(out.intermediate):
@@ -104,6 +111,8 @@ def routing_report(model: GPT, idx: torch.Tensor, include_intermediate: bool = F
             "mean_gate_prob": moe["expert_usage"]["mean_gate_prob"].tolist(),
             "switch_balance_loss": switch_load_balance_loss(moe["gate_scores"], counts).item(),
             "z_loss": moe["z_loss"].item(),
+            "experts_per_token": moe["expert_usage"]["experts_per_token"].item(),
+            "dropped_fraction": moe["expert_usage"]["dropped_fraction"].item(),
         }
         if include_intermediate:
             layer["intermediate"] = moe

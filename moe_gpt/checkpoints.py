@@ -20,7 +20,7 @@ from moe_gpt.config import ConfigError, GPTConfig, MoEConfig
 from moe_gpt.model import GPT
 
 ARCHITECTURE_KEYS = ("n_layer", "n_embd", "n_head", "block_size", "vocab_size", "bias")
-MOE_ARCHITECTURE_KEYS = ("num_experts", "every_n_layers")
+MOE_ARCHITECTURE_KEYS = ("num_experts", "every_n_layers", "first_k_dense", "num_shared_experts")
 MODEL_PREFIX = "model."  # the LightningModule holds the GPT as ``self.model``
 COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper adds to every key
 

@@ -19,7 +19,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 ACTIVATIONS = ("gelu", "relu", "swish", "tanh")
-LOAD_BALANCE_TYPES = ("switch", "variance", "none")
+LOAD_BALANCE_TYPES = ("switch", "variance", "aux_free", "none")
+ROUTERS = ("softmax", "noisy", "sigmoid")
+EXPERTS_IMPLS = ("auto", "grouped_mm", "blocked", "loop")
 
 
 class ConfigError(ValueError):
@@ -36,6 +38,10 @@ def _check_positive(**values: float) -> None:
         _require(value > 0, f"{key}={value} must be positive")
 
 
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{key}={value!r} is unknown; choose one of {', '.join(choices)}")
+
+
 def _check_dropout(key: str, value: float) -> None:
     _require(0.0 <= value < 1.0, f"{key}={value} must be in [0, 1)")
 
@@ -47,18 +53,33 @@ def project_path(path: str) -> str:
 
 @dataclass
 class MoEConfig:
-    """The Mixture-of-Experts feed-forward layer (used when ``GPTConfig.use_moe``)."""
+    """The Mixture-of-Experts feed-forward layer (used when ``GPTConfig.use_moe``).
 
-    num_experts: int = 8  # E: experts per MoE layer
-    top_k: int = 2  # experts each token is routed to
+    The README's "MoE settings" table gives each key's paper.
+    """
+
+    num_experts: int = 8  # E: routed experts per MoE layer
+    top_k: int = 2  # experts each token is routed to (the most, with top_p)
     activation: str = "gelu"  # gelu (tanh approximation, as GPT-2) | relu | swish (SiLU) | tanh
     hidden_size: Optional[int] = None  # expert FFN width; None -> 4 * n_embd
-    dropout: Optional[float] = None  # expert output dropout; None -> the model's dropout
+    dropout: Optional[float] = None  # dropout on the routed experts' combined output; None -> the model's dropout
     every_n_layers: int = 1  # MoE in blocks where (index + 1) % N == 0; 1 = every block
-    normalize_top_k: bool = True  # renormalise the k routing weights to sum to 1
-    load_balance: str = "switch"  # switch (E * sum_i f_i P_i) | variance (design's) | none
-    aux_loss_coef: float = 0.01  # weight of the load-balance loss in the training loss
+    first_k_dense: int = 0  # the first k blocks keep a dense MLP (DeepSeekMoE)
+    normalize_top_k: bool = True  # renormalise the chosen experts' routing weights to sum to 1
+    router: str = "softmax"  # softmax (top-k of a softmax) | noisy (Shazeer 2017) | sigmoid (DeepSeek-V3)
+    num_groups: int = 1  # group-limited routing: experts split into this many groups ...
+    topk_groups: int = 1  # ... and each token picks experts only inside its best topk_groups groups
+    top_p: Optional[float] = None  # dynamic routing: experts in order of probability until their sum reaches p
+    min_experts_per_token: int = 1  # with top_p: never fewer experts than this
+    load_balance: str = "switch"  # switch (E * sum_i f_i P_i) | variance (design's) | aux_free | none
+    aux_loss_coef: float = 0.01  # weight of the load-balance loss (with aux_free: of an added switch loss)
     z_loss_coef: float = 0.001  # weight of the router z-loss in the training loss
+    bias_update_rate: float = 0.001  # aux_free: step of the per-expert selection bias per optimizer step
+    capacity_factor: Optional[float] = None  # slots per expert = ceil(factor * tokens * top_k / E); None: dropless
+    eval_capacity_factor: Optional[float] = None  # the same outside training; None: capacity_factor
+    num_shared_experts: int = 0  # always-on experts of hidden_size each, added to the routed ones (DeepSeekMoE)
+    experts_impl: str = "auto"  # auto | grouped_mm | blocked (moe_gpt/expert_kernels.py) | loop (the reference)
+    growth_noise: float = 0.01  # progressive growth (init_from fewer experts): copies get this relative noise
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, f"model.moe.num_experts={self.num_experts} must be >= 1")
@@ -66,21 +87,60 @@ class MoEConfig:
             1 <= self.top_k <= self.num_experts,
             f"model.moe.top_k={self.top_k} must be between 1 and model.moe.num_experts={self.num_experts}",
         )
-        _require(
-            self.activation in ACTIVATIONS,
-            f"model.moe.activation={self.activation!r} is unknown; choose one of {', '.join(ACTIVATIONS)}",
-        )
-        _require(
-            self.load_balance in LOAD_BALANCE_TYPES,
-            f"model.moe.load_balance={self.load_balance!r} is unknown; choose one of {', '.join(LOAD_BALANCE_TYPES)}",
-        )
+        _check_choice("model.moe.activation", self.activation, ACTIVATIONS)
+        _check_choice("model.moe.router", self.router, ROUTERS)
+        _check_choice("model.moe.experts_impl", self.experts_impl, EXPERTS_IMPLS)
+        _check_choice("model.moe.load_balance", self.load_balance, LOAD_BALANCE_TYPES)
         _check_positive(**{"model.moe.every_n_layers": self.every_n_layers})
+        _require(self.first_k_dense >= 0, f"model.moe.first_k_dense={self.first_k_dense} must be >= 0")
         if self.hidden_size is not None:
             _check_positive(**{"model.moe.hidden_size": self.hidden_size})
         if self.dropout is not None:
             _check_dropout("model.moe.dropout", self.dropout)
-        _require(self.aux_loss_coef >= 0, f"model.moe.aux_loss_coef={self.aux_loss_coef} must be >= 0")
-        _require(self.z_loss_coef >= 0, f"model.moe.z_loss_coef={self.z_loss_coef} must be >= 0")
+        for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "growth_noise"):
+            value = getattr(self, key)
+            _require(math.isfinite(value) and value >= 0, f"model.moe.{key}={value} must be a finite number >= 0")
+        _require(self.num_shared_experts >= 0, f"model.moe.num_shared_experts={self.num_shared_experts} must be >= 0")
+        self._check_groups()
+        self._check_top_p()
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, key)
+            _require(
+                value is None or (math.isfinite(value) and value > 0),
+                f"model.moe.{key}={value} must be a positive number, or null for no token dropping",
+            )
+
+    def _check_groups(self) -> None:
+        groups = self.num_groups
+        _require(groups >= 1, f"model.moe.num_groups={groups} must be >= 1")
+        _require(
+            self.num_experts % groups == 0,
+            f"model.moe.num_groups={groups} must divide model.moe.num_experts={self.num_experts}",
+        )
+        _require(
+            1 <= self.topk_groups <= groups,
+            f"model.moe.topk_groups={self.topk_groups} must be between 1 and model.moe.num_groups={groups}",
+        )
+        reachable = self.topk_groups * (self.num_experts // groups)
+        _require(
+            self.top_k <= reachable,
+            f"model.moe.top_k={self.top_k} is more than the {reachable} experts in model.moe.topk_groups="
+            f"{self.topk_groups} groups; raise model.moe.topk_groups or lower model.moe.top_k",
+        )
+
+    def _check_top_p(self) -> None:
+        if self.top_p is not None:
+            _require(0.0 < self.top_p <= 1.0, f"model.moe.top_p={self.top_p} must be in (0, 1], or null for top_k")
+        _require(
+            1 <= self.min_experts_per_token <= self.top_k,
+            f"model.moe.min_experts_per_token={self.min_experts_per_token} must be between 1 and "
+            f"model.moe.top_k={self.top_k}",
+        )
+
+    def capacity_factor_for(self, training: bool) -> Optional[float]:
+        if training or self.eval_capacity_factor is None:
+            return self.capacity_factor
+        return self.eval_capacity_factor
 
 
 @dataclass
@@ -121,8 +181,8 @@ class GPTConfig:
         _check_dropout("model.dropout", self.dropout)
         _require(
             not self.use_moe or self.num_moe_layers > 0,
-            f"model.moe.every_n_layers={self.moe.every_n_layers} is above model.n_layer={self.n_layer}, so no block "
-            "gets an MoE layer; lower model.moe.every_n_layers or use model=dense",
+            f"model.moe.every_n_layers={self.moe.every_n_layers} and model.moe.first_k_dense={self.moe.first_k_dense} "
+            f"leave no MoE block among model.n_layer={self.n_layer}; lower them or use model=dense",
         )
 
     @property
@@ -139,7 +199,8 @@ class GPTConfig:
         return self.dropout if self.moe.dropout is None else self.moe.dropout
 
     def is_moe_layer(self, layer_index: int) -> bool:
-        return self.use_moe and (layer_index + 1) % self.moe.every_n_layers == 0
+        moe = self.moe
+        return self.use_moe and layer_index >= moe.first_k_dense and (layer_index + 1) % moe.every_n_layers == 0
 
     @property
     def num_moe_layers(self) -> int:
@@ -328,7 +389,9 @@ class LoggerConfig:
     heatmap_every_n_steps: int = 200  # layer x expert usage image (W&B only)
 
     def __post_init__(self) -> None:
-        _require(self.kind in ("wandb", "csv", "none"), f"logger.kind={self.kind!r} is unknown; choose wandb, csv or none")
+        _require(
+            self.kind in ("wandb", "csv", "none"), f"logger.kind={self.kind!r} is unknown; choose wandb, csv or none"
+        )
         _require(self.mode in ("offline", "online"), f"logger.mode={self.mode!r} is unknown; choose offline or online")
         _check_positive(
             **{

@@ -14,8 +14,10 @@ from moe_gpt.moe import MoELayer
 
 
 def usage_counters(layer: MoELayer) -> Tensor:
-    """One layer's routing counters as one row: token-slots per expert, router entropy sum, routed tokens."""
-    return torch.cat([layer.tokens_per_expert.float(), layer.router_entropy_sum[None], layer.routed_tokens[None]])
+    """One layer's routing counters as one row: token-slots per expert, dropped slots, router entropy sum,
+    routed tokens."""
+    scalars = [layer.dropped_slots, layer.router_entropy_sum, layer.routed_tokens]
+    return torch.cat([layer.tokens_per_expert.float(), *(value.float()[None] for value in scalars)])
 
 
 def usage_stats(layer: MoELayer) -> dict[str, float | list[float]]:
@@ -24,10 +26,13 @@ def usage_stats(layer: MoELayer) -> dict[str, float | list[float]]:
 
 
 def stats_from_counters(counters: Tensor) -> dict[str, float | list[float]]:
-    counts, entropy_sum, routed = counters[:-2], counters[-2], counters[-1]
-    share = (counts / counts.sum().clamp_min(1)).tolist()
+    counts, dropped, entropy_sum, routed = counters[:-3], counters[-3], counters[-2], counters[-1]
+    slots = counts.sum().clamp_min(1)
+    share = (counts / slots).tolist()
     entropy = (entropy_sum / routed.clamp_min(1)).item()
     return {
+        "experts_per_token": (counts.sum() / routed.clamp_min(1)).item(),  # top_k, or fewer with top_p
+        "dropped_fraction": (dropped / slots).item(),  # slots over an expert's capacity
         "share": share,
         # max share / mean share - 1: 0 when balanced; E/k - 1 when every token picks the same k experts.
         "max_load_violation": max(share) * len(share) - 1,
@@ -56,6 +61,15 @@ def usage_heatmap_png(shares: list[list[float]]) -> bytes:
     return buffer.getvalue()
 
 
+LAYER_METRICS = (
+    "max_load_violation",
+    "router_entropy",
+    "router_entropy_ratio",
+    "experts_per_token",
+    "dropped_fraction",
+)
+
+
 class ExpertUsageLogger(L.Callback):
     """Every N optimizer steps, logs each MoE layer's usage; every M steps a heatmap to W&B."""
 
@@ -73,6 +87,9 @@ class ExpertUsageLogger(L.Callback):
         # Summed over every process: each rank only counts the tokens of its own batches.
         counters = trainer.strategy.reduce(torch.stack([usage_counters(layer) for layer in layers]), reduce_op="sum")
         stats = [stats_from_counters(row) for row in counters]
+        for layer, layer_stats in zip(layers, stats):
+            if layer.router.selection_bias is not None:  # aux_free: the same on every process
+                layer_stats["selection_bias"] = layer.router.selection_bias.tolist()
         # Straight to the loggers: self.log would hold these until Lightning's own log interval.
         for logger in trainer.loggers:
             logger.log_metrics(self._flatten(stats), step=step)
@@ -88,9 +105,13 @@ class ExpertUsageLogger(L.Callback):
             prefix = f"moe/layer{index}"
             for expert, share in enumerate(layer_stats["share"]):
                 metrics[f"{prefix}/expert{expert}_share"] = share
-            for key in ("max_load_violation", "router_entropy", "router_entropy_ratio"):
+            for key in LAYER_METRICS:
                 metrics[f"{prefix}/{key}"] = layer_stats[key]
+            for expert, bias in enumerate(layer_stats.get("selection_bias", [])):
+                metrics[f"{prefix}/expert{expert}_bias"] = bias
         metrics["moe/max_load_violation"] = max(s["max_load_violation"] for s in stats)
+        metrics["moe/dropped_fraction"] = sum(s["dropped_fraction"] for s in stats) / len(stats)
+        metrics["moe/experts_per_token"] = sum(s["experts_per_token"] for s in stats) / len(stats)
         metrics["moe/router_entropy_ratio"] = sum(s["router_entropy_ratio"] for s in stats) / len(stats)
         return metrics
 

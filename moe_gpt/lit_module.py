@@ -84,6 +84,20 @@ class GPTLightningModule(L.LightningModule):
                 step,
             )
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """aux_free balancing: every MoE layer moves its selection bias by this step's load.
+
+        Once per optimizer step (after all accumulated batches), with the load summed over
+        processes so every process applies the same update.
+        """
+        layers = [layer for layer in self.model.moe_layers() if layer.router.selection_bias is not None]
+        if not layers:
+            return
+        loads = torch.stack([layer.load_since_bias_update for layer in layers])
+        loads = self.trainer.strategy.reduce(loads, reduce_op="sum") if self.trainer.world_size > 1 else loads
+        for layer, load in zip(layers, loads):
+            layer.update_selection_bias(load)
+
     def on_train_batch_end(self, outputs, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         tokens = batch[0].numel() * self.trainer.world_size
         # Wall time between consecutive batch ends covers data loading and the optimizer step.

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_gpt.config import GPTConfig
+from moe_gpt.experts import FeedForward
 from moe_gpt.lm_loss import IGNORE_INDEX, chunked_lm_loss
-from moe_gpt.moe import ACTIVATION_FUNCTIONS, MoELayer
+from moe_gpt.moe import MoELayer
 
 KVCache = tuple[Tensor, Tensor]  # keys and values, each (B, n_head, T_past, head_dim)
 
@@ -53,18 +54,11 @@ class CausalSelfAttention(nn.Module):
         return {"attn_mask": torch.ones(t_query, t_key, dtype=torch.bool, device=device).tril(t_key - t_query)}
 
 
-class MLP(nn.Module):
-    """GPT-2's dense feed-forward network."""
+class MLP(FeedForward):
+    """GPT-2's dense feed-forward network: 4x wide, gelu."""
 
     def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj.is_residual_projection = True
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(ACTIVATION_FUNCTIONS["gelu"](self.c_fc(x))))
+        super().__init__(config.n_embd, 4 * config.n_embd, "gelu", config.dropout, config.bias)
 
 
 @dataclass

@@ -1,92 +1,29 @@
-"""The Mixture-of-Experts feed-forward layer: router -> top-k -> experts -> weighted sum.
+"""The Mixture-of-Experts feed-forward layer: router -> dispatch -> experts -> weighted sum (+ shared experts).
 
 Shape suffixes name the dimensions where many tensors meet: T tokens (batch and time
 flattened), D model width, H expert hidden width, E experts, K experts per token,
-S token-slots (T * K, one per token and chosen expert).
+S token-slots (K * T, one per token and chosen expert).
+
+Which file does what: routers.py picks experts and weights, dispatch.py sorts token-slots
+by expert (on the device, never reading a count on the host), experts.py runs the experts as
+grouped matrix multiplies (grouped_gemm.py) and sums their weighted outputs per token.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_gpt.config import GPTConfig
+from moe_gpt.dispatch import Dispatch, plan_dispatch
+from moe_gpt.experts import Experts, FeedForward
+from moe_gpt.routers import Router, RouterOutput
 
-ACTIVATION_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    # GPT-2 was trained with the tanh approximation; using it keeps pretrained FFNs exact.
-    "gelu": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-}
-
-
-@dataclass
-class RouterOutput:
-    logits_TE: Tensor  # float32 router logits
-    probs_TE: Tensor  # float32 softmax over experts
-    topk_scores_TK: Tensor  # routing weights of the chosen experts (renormalised if asked)
-    topk_idx_TK: Tensor  # chosen experts, distinct per token
-
-
-class Router(nn.Module):
-    """Gating network: a linear map to one logit per expert, softmax, top-k."""
-
-    def __init__(self, n_embd: int, num_experts: int, top_k: int, normalize_top_k: bool):
-        super().__init__()
-        self.gate = nn.Linear(n_embd, num_experts, bias=False)
-        self.top_k = top_k
-        self.normalize_top_k = normalize_top_k
-
-    def forward(self, x_TD: Tensor) -> RouterOutput:
-        # Routing decisions are discrete: bf16 logits flip near-ties between experts and make
-        # the softmax and z-loss noisy, so the router always runs in float32.
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
-        probs_TE = logits_TE.softmax(dim=-1)
-        topk_scores_TK, topk_idx_TK = probs_TE.topk(self.top_k, dim=-1)
-        if self.normalize_top_k:
-            topk_scores_TK = topk_scores_TK / topk_scores_TK.sum(dim=-1, keepdim=True)
-        return RouterOutput(logits_TE, probs_TE, topk_scores_TK, topk_idx_TK)
-
-
-class Experts(nn.Module):
-    """E feed-forward networks (Linear -> activation -> Linear -> dropout) stored as stacked weights.
-
-    Weights are laid out per expert as ``nn.Linear`` would hold them (out, in), so a dense
-    GPT-2 MLP copies into every expert unchanged (sparse upcycling).
-    """
-
-    def __init__(self, num_experts: int, n_embd: int, hidden: int, activation: str, dropout: float, bias: bool):
-        super().__init__()
-        self.num_experts = num_experts
-        self.c_fc_weight = nn.Parameter(torch.empty(num_experts, hidden, n_embd))
-        self.c_proj_weight = nn.Parameter(torch.empty(num_experts, n_embd, hidden))
-        self.c_fc_bias = nn.Parameter(torch.zeros(num_experts, hidden)) if bias else None
-        self.c_proj_bias = nn.Parameter(torch.zeros(num_experts, n_embd)) if bias else None
-        self.activation = ACTIVATION_FUNCTIONS[activation]
-        self.dropout = nn.Dropout(dropout)
-
-    def expert_forward(self, expert: int, x_ND: Tensor) -> Tensor:
-        """Run one expert on the tokens it was given."""
-        b_fc = None if self.c_fc_bias is None else self.c_fc_bias[expert]
-        b_proj = None if self.c_proj_bias is None else self.c_proj_bias[expert]
-        h_NH = self.activation(F.linear(x_ND, self.c_fc_weight[expert], b_fc))
-        return self.dropout(F.linear(h_NH, self.c_proj_weight[expert], b_proj))
-
-    def forward(self, x_SD: Tensor, tokens_per_expert: list[int]) -> Tensor:
-        """Token-slots sorted by expert in, expert outputs in the same order out.
-
-        Each expert runs once on its contiguous slice: E dense matmuls instead of E masked
-        passes over the whole batch.
-        """
-        slices = torch.split(x_SD, tokens_per_expert)
-        outputs = [self.expert_forward(e, x_ND) for e, x_ND in enumerate(slices) if x_ND.shape[0] > 0]
-        return torch.cat(outputs) if outputs else x_SD.new_zeros(x_SD.shape)
+__all__ = ["Experts", "MoELayer", "Router", "RouterOutput"]
 
 
 def switch_load_balance_loss(probs_TE: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
@@ -119,90 +56,133 @@ class MoELosses:
 
 
 class MoELayer(nn.Module):
-    """Drop-in replacement for the dense MLP: each token goes to its top-k experts."""
+    """Drop-in replacement for the dense MLP: each token goes to its top-k experts (plus any shared ones)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         moe = config.moe
+        self.moe_config = moe
         self.num_experts = moe.num_experts
         self.top_k = moe.top_k
         self.load_balance = moe.load_balance
-        self.router = Router(config.n_embd, moe.num_experts, moe.top_k, moe.normalize_top_k)
+        self.router = Router(config.n_embd, moe)
+        hidden = config.ffn_hidden_size
         self.experts = Experts(
-            moe.num_experts, config.n_embd, config.ffn_hidden_size, moe.activation, config.expert_dropout, config.bias
+            moe.num_experts, config.n_embd, hidden, moe.activation, config.expert_dropout, config.bias, moe.experts_impl
+        )
+        # DeepSeekMoE's shared experts: N always-on experts are one FFN N times as wide.
+        self.shared_experts = (
+            FeedForward(
+                config.n_embd, moe.num_shared_experts * hidden, moe.activation, config.expert_dropout, config.bias
+            )
+            if moe.num_shared_experts > 0
+            else None
         )
         # Routing statistics summed over this process's training forwards since the last reset:
         # the usage metrics read them, so logging costs no extra pass. Plain tensors, not buffers:
         # they are not weights (nothing to checkpoint), and DDP would overwrite every rank's
         # buffers with rank zero's at each forward. They follow the input's device (_record_usage).
-        self.tokens_per_expert = torch.zeros(moe.num_experts)
+        self.tokens_per_expert = torch.zeros(moe.num_experts)  # slots that chose each expert
+        self.dropped_slots = torch.zeros(())  # of those, slots over an expert's capacity
         self.router_entropy_sum = torch.zeros(())
         self.routed_tokens = torch.zeros(())
+        # aux_free: slots per expert since the last selection-bias update (one optimizer step).
+        self.load_since_bias_update = torch.zeros(moe.num_experts)
+
+    def capacity(self, num_tokens: int) -> Optional[int]:
+        """Token-slots each expert may take for this many tokens; None when dropless."""
+        factor = self.moe_config.capacity_factor_for(self.training)
+        if factor is None:
+            return None
+        return math.ceil(factor * num_tokens * self.top_k / self.num_experts)
 
     def forward(self, x_BTD: Tensor, return_intermediate: bool = False) -> tuple[Tensor, MoELosses, Optional[dict]]:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         route = self.router(x_TD)
-        tokens_per_expert_E = torch.bincount(route.topk_idx_TK.flatten(), minlength=self.num_experts)
+        plan = plan_dispatch(
+            route.topk_idx_TK, route.topk_scores_TK, self.num_experts, self.capacity(B * T), route.slot_used_TK
+        )
+        out_TD = self.experts(x_TD, plan)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
 
-        # Sort the T*K token-slots by expert so each expert's inputs are one contiguous slice.
-        slot_order_S = route.topk_idx_TK.flatten().argsort(stable=True)
-        token_of_slot_S = slot_order_S // self.top_k
-        expert_out_SD = self.experts(x_TD[token_of_slot_S], tokens_per_expert_E.tolist())
-        weights_S1 = route.topk_scores_TK.flatten()[slot_order_S].unsqueeze(-1)
-        weighted_SD = (expert_out_SD.float() * weights_S1).to(x_TD.dtype)
-        out_TD = torch.zeros_like(x_TD).index_add_(0, token_of_slot_S, weighted_SD)
-
-        losses = MoELosses(self._load_balance_loss(route, tokens_per_expert_E), router_z_loss(route.logits_TE))
+        losses = MoELosses(self._load_balance_loss(route, plan.demand_E), router_z_loss(route.logits_TE))
         if self.training:
-            self._record_usage(route.probs_TE, tokens_per_expert_E)
-        intermediate = self._intermediate(route, tokens_per_expert_E, out_TD, losses) if return_intermediate else None
+            self._record_usage(route.probs_TE, plan)
+        intermediate = self._intermediate(route, plan, out_TD, losses) if return_intermediate else None
         return out_TD.view(B, T, D), losses, intermediate
 
-    def _load_balance_loss(self, route: RouterOutput, tokens_per_expert_E: Tensor) -> Tensor:
-        if self.load_balance == "switch":
-            return switch_load_balance_loss(route.probs_TE, tokens_per_expert_E.float())
+    def _load_balance_loss(self, route: RouterOutput, demand_E: Tensor) -> Tensor:
+        # aux_free balances with its selection bias; its optional loss is the switch loss.
+        if self.load_balance in ("switch", "aux_free"):
+            return switch_load_balance_loss(route.probs_TE, demand_E.float())
         if self.load_balance == "variance":
             return variance_load_balance_loss(route.probs_TE)
         return route.probs_TE.new_zeros(())
 
     @torch.no_grad()
-    def _record_usage(self, probs_TE: Tensor, tokens_per_expert_E: Tensor) -> None:
+    def _record_usage(self, probs_TE: Tensor, plan: Dispatch) -> None:
         if self.tokens_per_expert.device != probs_TE.device:  # the model moved (e.g. to the GPU)
-            self.tokens_per_expert = self.tokens_per_expert.to(probs_TE.device)
-            self.router_entropy_sum = self.router_entropy_sum.to(probs_TE.device)
-            self.routed_tokens = self.routed_tokens.to(probs_TE.device)
-        self.tokens_per_expert += tokens_per_expert_E
+            for name in ("tokens_per_expert", "dropped_slots", "router_entropy_sum", "routed_tokens"):
+                setattr(self, name, getattr(self, name).to(probs_TE.device))
+            self.load_since_bias_update = self.load_since_bias_update.to(probs_TE.device)
+        self.tokens_per_expert += plan.demand_E
+        self.dropped_slots += plan.dropped
         self.router_entropy_sum += -(probs_TE * probs_TE.clamp_min(1e-9).log()).sum()
         self.routed_tokens += probs_TE.shape[0]
+        if self.router.selection_bias is not None:
+            self.load_since_bias_update += plan.demand_E
 
     def reset_usage(self) -> None:
-        self.tokens_per_expert.zero_()
-        self.router_entropy_sum.zero_()
-        self.routed_tokens.zero_()
+        for counter in (self.tokens_per_expert, self.dropped_slots, self.router_entropy_sum, self.routed_tokens):
+            counter.zero_()
 
-    def _intermediate(
-        self, route: RouterOutput, tokens_per_expert_E: Tensor, out_TD: Tensor, losses: MoELosses
-    ) -> dict[str, Any]:
+    @torch.no_grad()
+    def update_selection_bias(self, load_E: Optional[Tensor] = None) -> None:
+        """aux_free, after each optimizer step: move the selection bias by this step's load.
+
+        ``load_E`` defaults to this process's count; multi-process training passes the sum over
+        processes so every process applies the same update.
+        """
+        if self.router.selection_bias is None:
+            return
+        load_E = self.load_since_bias_update if load_E is None else load_E
+        self.router.update_selection_bias(load_E.to(self.router.selection_bias.device))
+        self.load_since_bias_update.zero_()
+
+    def _intermediate(self, route: RouterOutput, plan: Dispatch, out_TD: Tensor, losses: MoELosses) -> dict[str, Any]:
         """The routing data the design lists, for debugging and for backends that return it."""
-        slots = tokens_per_expert_E.sum()
-        return {
+        demand_E = plan.demand_E.detach()
+        slots = demand_E.sum()
+        used_TK = (
+            route.slot_used_TK
+            if route.slot_used_TK is not None
+            else torch.ones_like(route.topk_idx_TK, dtype=torch.bool)
+        )
+        data = {
             "gate_scores": route.probs_TE.detach(),
             "top_k_scores": route.topk_scores_TK.detach(),
             "top_k_indices": route.topk_idx_TK.detach(),
-            "expert_outputs": {"tokens_per_expert": tokens_per_expert_E.detach()},
+            "top_k_used": used_TK.detach(),
+            "expert_outputs": {"tokens_per_expert": demand_E},
             "final_output": out_TD.detach(),
             "load_balance_loss": losses.load_balance.detach(),
             "z_loss": losses.z.detach(),
             "expert_usage": {
-                "token_share": (tokens_per_expert_E.float() / slots).detach(),
+                "token_share": demand_E.float() / slots,
                 "mean_gate_prob": route.probs_TE.mean(dim=0).detach(),
+                "experts_per_token": slots.float() / route.probs_TE.shape[0],
+                "dropped_fraction": plan.dropped.float() / slots.clamp_min(1),
             },
         }
+        if self.router.selection_bias is not None:
+            data["expert_usage"]["selection_bias"] = self.router.selection_bias.detach().clone()
+        return data
 
 
 def reference_moe_forward(layer: MoELayer, x_BTD: Tensor) -> Tensor:
-    """The plain per-expert mask loop. Slow; kept only to check the sorted dispatch against."""
+    """The plain per-expert mask loop, dropless. Slow; kept only to check the dispatch against."""
     B, T, D = x_BTD.shape
     x_TD = x_BTD.reshape(B * T, D)
     route = layer.router(x_TD)
@@ -214,4 +194,6 @@ def reference_moe_forward(layer: MoELayer, x_BTD: Tensor) -> Tensor:
         expert_out = layer.experts.expert_forward(expert, x_TD[token_idx])
         weight = route.topk_scores_TK[token_idx, slot_idx].unsqueeze(-1)
         out_TD[token_idx] += (expert_out.float() * weight).to(x_TD.dtype)
+    if layer.shared_experts is not None:
+        out_TD = out_TD + layer.shared_experts(x_TD)
     return out_TD.view(B, T, D)

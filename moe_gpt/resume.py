@@ -61,7 +61,14 @@ def find_resume(resume: Optional[str], run_dir: Path) -> Optional[Resume]:
     path = last if resume == "last" else Path(resume).expanduser()
     if not path.is_file():
         raise ConfigError(f"resume={resume}: no checkpoint at {path}; pass resume=last in a run folder or a .ckpt path")
-    return Resume(path, read_checkpoint(path))
+    checkpoint = read_checkpoint(path)
+    if "global_step" not in checkpoint or "optimizer_states" not in checkpoint:
+        # Weights only (e.g. from scripts/prune_experts.py): a starting point, not a run to continue.
+        raise ConfigError(
+            f"resume={resume}: {path} holds weights but no training state to continue; "
+            f"start a new run from it with init_from={path}"
+        )
+    return Resume(path, checkpoint)
 
 
 def saved_overrides(resume: Resume) -> Optional[list[str]]:

@@ -28,6 +28,7 @@ from moe_gpt.config import ConfigError, config_warnings
 from moe_gpt.data import DataError, load_gpt2_tokenizer
 from moe_gpt.intermediate import to_jsonable
 from moe_gpt.outcomes import EXIT_BAD_INPUT, one_line
+from moe_gpt.cpu_memory import reuse_freed_cpu_memory
 
 
 def analyze_config(args: argparse.Namespace) -> None:
@@ -71,6 +72,7 @@ def main() -> None:
     routing.add_argument("--intermediate", action="store_true", help="include the full intermediate data")
     routing.set_defaults(run=analyze_routing)
     args = parser.parse_args()
+    reuse_freed_cpu_memory()
     try:
         args.run(args)
     except (ConfigError, DataError, HydraException) as error:

@@ -1,12 +1,17 @@
-"""Time the MoE layer's forward + backward against its references, in one run.
+"""Time the MoE layer's forward + backward against a dense FFN of equal active FLOPs, in one run.
 
-Three ratios, each from interleaved repeats on the same input (machines are noisy, so
-only ratios measured side by side mean anything):
-  1. sorted dispatch vs the per-expert mask loop (same math; tests check equal outputs),
-  2. the MoE layer vs a dense FFN with the same active compute (hidden = top_k x expert hidden),
-  3. the MoE layer vs GPT-2's dense FFN (hidden = 4 x n_embd), the model=dense baseline.
+Each expert is 4 * n_embd / top_k wide, so the top_k experts a token uses cost what GPT-2's dense
+FFN (4 * n_embd wide) costs. Candidates alternate within every repeat on the same input (these
+machines are noisy, so only ratios measured side by side mean anything); all MoE candidates are
+the same layer with a different model.moe.experts_impl:
+  auto        as trained (the default): blocked on the CPU, grouped_mm on a CUDA GPU in bfloat16
+  grouped_mm  torch.nn.functional.grouped_mm over all rows at once
+  loop        one autograd matmul pair per expert (the test reference; reads counts on the host)
+  dense       GPT-2's dense FFN, 4 * n_embd wide: the same active FLOPs
+The goals (issue 8, CPU float32, 4,096 tokens, width 256): auto / dense at most 1.10 at
+E=8, k=2 and at most 1.25 at E=16, k=2 and E=64, k=8. Exit status 1 when a goal is missed.
 
-    python scripts/bench_moe.py                         # CPU, mini-model width
+    python scripts/bench_moe.py                                   # the goals' setting
     python scripts/bench_moe.py --device cuda --dtype bfloat16 --n-embd 768 --tokens 16384
 """
 
@@ -14,19 +19,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from moe_gpt.config import GPTConfig, MoEConfig
-from moe_gpt.moe import MoELayer, reference_moe_forward
+from moe_gpt.cpu_memory import reuse_freed_cpu_memory
+from moe_gpt.experts import FeedForward
+from moe_gpt.moe import MoELayer
 
-
-def dense_ffn(n_embd: int, hidden: int, device: str, dtype: torch.dtype):
-    fc = torch.nn.Linear(n_embd, hidden, device=device, dtype=dtype)
-    proj = torch.nn.Linear(hidden, n_embd, device=device, dtype=dtype)
-    return lambda x: proj(F.gelu(fc(x), approximate="tanh"))
+IMPLS = ("auto", "grouped_mm", "loop")
+GOALS = {(8, 2): 1.10, (16, 2): 1.25, (64, 8): 1.25}  # (experts, top_k) -> most grouped / dense
 
 
 def time_step(forward, x: torch.Tensor) -> float:
@@ -51,42 +55,55 @@ def compare(candidates: dict, x: torch.Tensor, repeats: int) -> dict[str, float]
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def moe_layer(n_embd: int, experts: int, top_k: int, impl: str, device: str, dtype: torch.dtype):
+    moe = MoEConfig(experts, top_k, hidden_size=4 * n_embd // top_k, experts_impl=impl)
+    torch.manual_seed(0)  # both layers get the same weights, so they route alike
+    layer = MoELayer(GPTConfig(n_embd=n_embd, n_head=1, use_moe=True, moe=moe)).to(device, dtype)
+    return lambda x: layer(x)[0]
+
+
+def parse_setting(spec: str) -> tuple[int, int]:
+    experts, top_k = spec.split(":")
+    return int(experts), int(top_k)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-embd", type=int, default=128)
-    parser.add_argument("--tokens", type=int, default=2048, help="batch x sequence length")
-    parser.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--n-embd", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=4096, help="batch x sequence length")
+    parser.add_argument("--settings", nargs="+", default=["8:2", "16:2", "64:8"], help="E:K pairs")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    reuse_freed_cpu_memory()  # as training does (train.py)
     dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    hidden = 4 * args.n_embd
-    print(f"device={args.device} dtype={args.dtype} tokens={args.tokens} n_embd={args.n_embd} top_k={args.top_k}")
-    print("| experts | sorted ms | mask loop ms | loop / sorted | dense same-active ms | MoE / same-active | GPT-2 FFN ms | MoE / GPT-2 FFN |")
-    print("|---|---|---|---|---|---|---|---|")
-    for num_experts in args.experts:
-        config = GPTConfig(n_embd=args.n_embd, n_head=1, use_moe=True, moe=MoEConfig(num_experts, args.top_k))
-        layer = MoELayer(config).to(args.device, dtype)
+    print(
+        f"device={args.device} dtype={args.dtype} tokens={args.tokens} n_embd={args.n_embd} threads={torch.get_num_threads()}"
+    )
+    print("| E | k | dense ms | auto / dense | grouped_mm / dense | loop / dense | goal for auto |")
+    print("|---|---|---|---|---|---|---|")
+    missed = []
+    for experts, top_k in map(parse_setting, args.settings):
         x = torch.randn(1, args.tokens, args.n_embd, device=args.device, dtype=dtype, requires_grad=True)
+        dense = FeedForward(args.n_embd, 4 * args.n_embd, "gelu", 0.0, True).to(args.device, dtype)
         t = compare(
             {
-                "sorted": lambda x: layer(x)[0],
-                "loop": lambda x: reference_moe_forward(layer, x),
-                "same_active": dense_ffn(args.n_embd, args.top_k * hidden, args.device, dtype),
-                "gpt2_ffn": dense_ffn(args.n_embd, hidden, args.device, dtype),
+                **{impl: moe_layer(args.n_embd, experts, top_k, impl, args.device, dtype) for impl in IMPLS},
+                "dense": dense,
             },
             x,
             args.repeats,
         )
-        ms = {k: 1000 * v for k, v in t.items()}
-        print(
-            f"| {num_experts} | {ms['sorted']:.2f} | {ms['loop']:.2f} | {t['loop'] / t['sorted']:.2f}x "
-            f"| {ms['same_active']:.2f} | {t['sorted'] / t['same_active']:.2f}x "
-            f"| {ms['gpt2_ffn']:.2f} | {t['sorted'] / t['gpt2_ffn']:.2f}x |"
-        )
+        ratio, goal = t["auto"] / t["dense"], GOALS.get((experts, top_k))
+        verdict = "" if goal is None else f"<= {goal:.2f}: {'met' if ratio <= goal else 'MISSED'}"
+        if goal is not None and ratio > goal:
+            missed.append(f"E={experts} k={top_k}")
+        ratios = " | ".join(f"{t[impl] / t['dense']:.2f}x" for impl in IMPLS)
+        print(f"| {experts} | {top_k} | {1000 * t['dense']:.1f} | {ratios} | {verdict} |")
+    if missed and args.device == "cpu" and args.dtype == "float32":
+        print(f"goal missed at {', '.join(missed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Time full training steps of a composed config against the two memory settings that speed them up.
+"""Time full training steps of a composed config against the memory settings that speed them up.
 
-Settings: the defaults; huge-page CPU allocations off (THP_MEM_ALLOC_ENABLE=0); the loss from full
-logits instead of the chunked output layer + cross-entropy (model.loss_chunk_size=0). Each runs in
-its own process (torch reads THP_MEM_ALLOC_ENABLE once per process), the settings alternate, and
-the script prints each one's median step time and its ratio to the defaults, measured in one run.
+Settings: the defaults; freed CPU memory returned to the system as glibc does by default
+(MOE_GPT_KEEP_FREED_MEMORY=0, see moe_gpt/cpu_memory.py); PyTorch's huge-page allocations instead
+(THP_MEM_ALLOC_ENABLE=1, the previous default); the loss from full logits instead of the chunked
+output layer + cross-entropy (model.loss_chunk_size=0). Each runs in its own process (allocator
+settings are per process), the settings alternate, and the script prints each one's median step
+time and its ratio to the defaults, measured in one run.
 Any train.py override selects the model:
 
     python scripts/bench_train_step.py                        # the default MoE run's model and batch
@@ -29,9 +31,11 @@ def time_steps(overrides: list[str], steps: int) -> dict:
     import torch
 
     from moe_gpt.compose import compose_run_config
+    from moe_gpt.cpu_memory import reuse_freed_cpu_memory
     from moe_gpt.model import GPT
     from moe_gpt.run import peak_memory_mb
 
+    reuse_freed_cpu_memory()  # as train.py does, unless the setting turned it off
     cfg = compose_run_config(overrides)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model)
@@ -48,11 +52,13 @@ def time_steps(overrides: list[str], steps: int) -> dict:
     return {"seconds": seconds[1:], "peak_mb": peak_memory_mb()}
 
 
+KEEP_FREED = "MOE_GPT_KEEP_FREED_MEMORY"
 # name -> (environment, extra overrides)
 SETTINGS = {
-    "defaults": ({"THP_MEM_ALLOC_ENABLE": "1"}, []),
-    "huge pages off": ({"THP_MEM_ALLOC_ENABLE": "0"}, []),
-    "full logits": ({"THP_MEM_ALLOC_ENABLE": "1"}, ["model.loss_chunk_size=0"]),
+    "defaults": ({}, []),
+    "freed memory returned": ({KEEP_FREED: "0"}, []),
+    "huge pages instead": ({KEEP_FREED: "0", "THP_MEM_ALLOC_ENABLE": "1"}, []),
+    "full logits": ({}, ["model.loss_chunk_size=0"]),
 }
 
 

@@ -8,10 +8,14 @@ heatmap per MoE variant. All runs share one W&B group.
     python scripts/compare.py                                     # small default, ~10 min on 2 CPU cores
     python scripts/compare.py --variants dense,moe:8:2,moe:16:1:swish data=shakespeare trainer.max_steps=2000
     python scripts/compare.py --match none model.moe.hidden_size=256   # keep the configured expert width
+    python scripts/compare.py --variants moe:8:2,moe:32:8,moe:31:7:num_shared_experts=1   # fine-grained, shared
 
-A variant is ``dense`` or ``moe:E:K[:activation]``. Matching (``--match active``, the default):
-each expert is 4*n_embd/K wide, so a token's K experts hold as many parameters as the dense FFN.
-Everything else is a train.py override applied to every variant.
+A variant is ``dense`` or ``moe:E:K[:activation][:key=value...]`` where key is any model.moe key,
+e.g. ``moe:16:4:num_shared_experts=1:router=sigmoid`` or ``moe:8:2:load_balance=aux_free``.
+Matching (``--match active``, the default): each expert is 4*n_embd/(K + shared experts) wide, so
+the experts a token uses hold as many parameters as the dense FFN; fine-grained variants (more,
+narrower experts, e.g. moe:32:8 against moe:8:2) are matched the same way. Everything else is a
+train.py override applied to every variant.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -32,7 +36,8 @@ from hydra.errors import HydraException
 from moe_gpt.analysis import flops_per_token, routing_report
 from moe_gpt.checkpoints import load_model
 from moe_gpt.compose import compose_run_config, merge_overrides
-from moe_gpt.config import ConfigError, RunConfig
+from moe_gpt.config import ACTIVATIONS, ConfigError, MoEConfig, RunConfig
+from moe_gpt.cpu_memory import reuse_freed_cpu_memory
 from moe_gpt.data import DataError, TokenDataModule
 from moe_gpt.expert_usage import usage_heatmap_png
 from moe_gpt.outcomes import EXIT_BAD_INPUT, one_line
@@ -48,29 +53,66 @@ class Variant:
     overrides: list[str]
 
 
+VARIANT_FORMAT = (
+    "'dense' or 'moe:E:K[:activation][:key=value...]', e.g. moe:8:2, moe:4:1:swish or moe:16:4:num_shared_experts=1"
+)
+MOE_KEYS = {field.name for field in fields(MoEConfig)}
+
+
 def parse_variant(spec: str, n_embd: int, match: str) -> Variant:
-    """``dense`` or ``moe:E:K[:activation]`` -> the overrides that build it."""
+    """``dense`` or ``moe:E:K[:activation][:key=value...]`` (any model.moe key) -> the overrides that build it."""
     if spec == "dense":
         return Variant("dense", ["model=dense"])
     parts = spec.split(":")
-    if parts[0] != "moe" or len(parts) not in (3, 4) or not (parts[1].isdigit() and parts[2].isdigit()):
-        raise ConfigError(f"variant {spec!r} is not 'dense' or 'moe:E:K[:activation]', e.g. moe:8:2 or moe:4:1:swish")
+    if parts[0] != "moe" or len(parts) < 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+        raise ConfigError(f"variant {spec!r} is not {VARIANT_FORMAT}")
     experts, top_k = int(parts[1]), int(parts[2])
     if experts < 1 or top_k < 1:
         raise ConfigError(f"variant {spec!r}: E and K must be at least 1, e.g. moe:8:2")
     overrides = ["model=moe", f"model.moe.num_experts={experts}", f"model.moe.top_k={top_k}"]
-    if len(parts) == 4:
-        overrides.append(f"model.moe.activation={parts[3]}")
+    settings = dict(_variant_setting(spec, part) for part in parts[3:])
+    overrides += [f"model.moe.{key}={value}" for key, value in settings.items()]
     if match == "active":
-        if (4 * n_embd) % top_k:
-            raise ConfigError(f"variant {spec}: 4*n_embd={4 * n_embd} is not divisible by top_k={top_k}; use --match none")
-        overrides.append(f"model.moe.hidden_size={4 * n_embd // top_k}")
-    return Variant(spec.replace(":", "-"), overrides)
+        # Every expert a token uses (its top_k routed ones and the shared ones) is equally wide,
+        # so the token's active FFN width equals the dense FFN's 4 * n_embd.
+        active = top_k + int(settings.get("num_shared_experts", 0))
+        if (4 * n_embd) % active:
+            raise ConfigError(
+                f"variant {spec}: 4*n_embd={4 * n_embd} is not divisible by the {active} experts a token uses; "
+                "use --match none"
+            )
+        overrides.append(f"model.moe.hidden_size={4 * n_embd // active}")
+    return Variant(spec.replace(":", "-").replace("=", "-"), overrides)
+
+
+def _variant_setting(spec: str, part: str) -> tuple[str, str]:
+    """``swish`` (an activation) or ``key=value`` for a model.moe key."""
+    if "=" not in part:
+        if part not in ACTIVATIONS:
+            raise ConfigError(
+                f"variant {spec!r}: {part!r} is neither an activation ({', '.join(ACTIVATIONS)}) nor key=value"
+            )
+        return "activation", part
+    key, value = part.split("=", 1)
+    if key not in MOE_KEYS or key in ("num_experts", "top_k"):
+        raise ConfigError(
+            f"variant {spec!r}: {key!r} is not a model.moe key to set here; the keys: {', '.join(sorted(MOE_KEYS))}"
+        )
+    if key == "num_shared_experts" and not value.isdigit():
+        raise ConfigError(f"variant {spec!r}: num_shared_experts={value} must be a whole number")
+    return key, value
 
 
 def train_variant(variant: Variant, base: list[str], run_dir: Path, group: str) -> dict:
     """Run train.py for one variant; its metrics.json, or a failure with the error line."""
-    command = [sys.executable, str(REPO / "train.py"), *base, *variant.overrides, f"hydra.run.dir={run_dir}", f"logger.group={group}"]
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        *base,
+        *variant.overrides,
+        f"hydra.run.dir={run_dir}",
+        f"logger.group={group}",
+    ]
     print(f"[compare] {variant.name}: {' '.join(command[2:])}", flush=True)
     result = subprocess.run(command, cwd=REPO, env=os.environ, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
@@ -96,7 +138,10 @@ def plot_curves(rows: list[dict], out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for x_key, label, filename in (("tokens", "training tokens", "val_loss_vs_tokens.png"), ("seconds", "wall-clock seconds", "val_loss_vs_time.png")):
+    for x_key, label, filename in (
+        ("tokens", "training tokens", "val_loss_vs_tokens.png"),
+        ("seconds", "wall-clock seconds", "val_loss_vs_time.png"),
+    ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for row in rows:
             history = row.get("val_history", [])
@@ -135,7 +180,8 @@ def write_report(rows: list[dict], out_dir: Path, command: str, match: str) -> s
     lines += ["| " + " | ".join(table_row(row)) + " |" for row in rows]
     table = "\n".join(lines)
     rule = (
-        "each expert is 4*n_embd/top_k wide, so the top_k experts a token uses hold as many parameters as the dense FFN"
+        "each expert is 4*n_embd/(top_k + shared experts) wide, so the experts a token uses hold as many parameters "
+        "as the dense FFN"
         if match == "active"
         else "none: experts keep the configured width"
     )
@@ -162,6 +208,7 @@ def main() -> None:
     parser.add_argument("--match", choices=["active", "none"], default="active")
     parser.add_argument("--out", default=None, help="report directory (default: outputs/compare/compare-<date_time>)")
     args = parser.parse_args()
+    reuse_freed_cpu_memory()
     try:
         run(args)
     except (ConfigError, DataError, HydraException) as error:
@@ -176,10 +223,14 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out {out_dir} is not empty; choose a new directory so earlier reports are kept")
     base = merge_overrides(SMALL_DEFAULT, args.overrides)
     n_embd = compose_run_config(base).model.n_embd
-    variants = [parse_variant(spec, n_embd, args.match) for spec in args.variants.split(",")]  # all checked before training
+    variants = [
+        parse_variant(spec, n_embd, args.match) for spec in args.variants.split(",")
+    ]  # all checked before training
     names = [v.name for v in variants]
     if len(set(names)) < len(names):
-        raise ConfigError(f"--variants {args.variants} lists a variant twice; give each once (runs would share a directory)")
+        raise ConfigError(
+            f"--variants {args.variants} lists a variant twice; give each once (runs would share a directory)"
+        )
     configs = {v.name: compose_run_config(base + v.overrides) for v in variants}
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -16,6 +16,7 @@ from typing import Optional
 from moe_gpt.checkpoints import load_model
 from moe_gpt.config import ConfigError
 from moe_gpt.hf import export_hf_gpt2
+from moe_gpt.cpu_memory import reuse_freed_cpu_memory
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -24,6 +25,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="directory to write config.json and model.safetensors into")
     parser.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")
     args = parser.parse_args(argv)
+    reuse_freed_cpu_memory()
 
     try:
         directory = export_hf_gpt2(load_model(args.checkpoint), args.out, overwrite=args.overwrite)

@@ -80,6 +80,19 @@ def test_routing_report_shares_sum_to_one_per_layer():
         assert sum(layer["expert_share"]) == pytest.approx(1.0)
         # E * sum(f * P): near 1 for a fresh router, at most E=4 (a sample can dip just under 1).
         assert 0.5 < layer["switch_balance_loss"] <= 4.0
+        assert layer["experts_per_token"] == 2.0 and layer["dropped_fraction"] == 0.0
+
+
+def test_routing_report_gives_experts_per_token_under_top_p_and_the_dropped_share_under_capacity():
+    torch.manual_seed(0)
+    model = GPT(small(top_p=0.3, capacity_factor=0.5)).eval()
+    with torch.no_grad():  # a peaked router: top_p then often stops at one expert
+        for layer in model.moe_layers():
+            layer.router.gate.weight.mul_(200.0)
+    report = routing_report(model, torch.randint(0, 50257, (2, 16)))
+    for layer in report["moe_layers"]:
+        assert 1.0 <= layer["experts_per_token"] < 2.0
+        assert 0.0 < layer["dropped_fraction"] < 1.0
 
 
 def test_analyze_config_cli_prints_costs_as_json():

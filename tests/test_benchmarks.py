@@ -20,11 +20,17 @@ def run_script(name: str, *args: str, env: dict | None = None) -> str:
     return result.stdout
 
 
-def test_importing_the_package_turns_on_huge_pages_unless_the_user_chose():
-    probe = "import moe_gpt, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
-    unset = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    for env, expected in ((unset, "1"), ({**unset, "THP_MEM_ALLOC_ENABLE": "0"}, "0")):
-        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+def test_importing_the_package_changes_no_environment_variable():
+    probe = "import os; before = dict(os.environ); import moe_gpt.model, moe_gpt.run; print(dict(os.environ) == before)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "True"
+
+
+def test_keeping_freed_memory_applies_on_linux_unless_turned_off():
+    probe = "from moe_gpt.cpu_memory import reuse_freed_cpu_memory; print(reuse_freed_cpu_memory())"
+    for value, expected in (("1", "True"), ("0", "False")):
+        env = {**os.environ, "MOE_GPT_KEEP_FREED_MEMORY": value}
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True, cwd=REPO)
         assert out.stdout.strip() == expected
 
 
@@ -32,11 +38,11 @@ def test_train_step_benchmark_prints_a_ratio_row_per_setting():
     tiny = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "data.batch_size=2"]
     out = run_script("bench_train_step.py", "--steps", "1", "--rounds", "1", *tiny)
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
-    assert {"defaults", "huge pages off", "full logits"} <= rows.keys()
+    assert {"defaults", "freed memory returned", "huge pages instead", "full logits"} <= rows.keys()
     assert "| 1.00x |" in rows["defaults"]
 
 
-def test_moe_layer_benchmark_prints_a_row_per_expert_count():
-    out = run_script("bench_moe.py", "--tokens", "64", "--n-embd", "32", "--experts", "2", "4", "--repeats", "1")
-    rows = [line for line in out.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |")]
-    assert len(rows) == 2
+def test_moe_layer_benchmark_prints_a_row_per_setting():
+    out = run_script("bench_moe.py", "--tokens", "64", "--n-embd", "32", "--settings", "2:1", "4:2", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| 2 | 1 |") or line.startswith("| 4 | 2 |")]
+    assert len(rows) == 2 and all(line.count("x |") == 3 for line in rows)

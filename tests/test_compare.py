@@ -32,18 +32,45 @@ def test_moe_variant_sets_experts_top_k_activation_and_matched_width():
     assert "model.moe.hidden_size=256" not in parse_variant("moe:8:2", 128, "none").overrides
 
 
-@pytest.mark.parametrize("spec", ["moe", "moe:8", "moe:x:2", "sparse:8:2", "moe:8:2:gelu:extra"])
+@pytest.mark.parametrize("spec", ["moe", "moe:8", "moe:x:2", "sparse:8:2"])
 def test_malformed_variant_is_an_error(spec):
     with pytest.raises(ConfigError, match="moe:E:K"):
         parse_variant(spec, 128, "active")
 
 
-@pytest.mark.parametrize("spec", ["moe:4:1", "moe:8:2", "moe:16:4"])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("moe:8:2:gelu:extra", "neither an activation"),
+        ("moe:8:2:num_experts=4", "not a model.moe key to set here"),
+        ("moe:8:2:expert_count=4", "not a model.moe key"),
+        ("moe:8:2:num_shared_experts=x", "must be a whole number"),
+        ("moe:8:3:num_shared_experts=0", "not divisible by the 3 experts"),
+    ],
+)
+def test_bad_variant_options_are_errors_naming_the_option(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_variant(spec, 128, "active")
+
+
+def test_variant_options_become_moe_overrides_and_shared_experts_count_in_the_matched_width():
+    variant = parse_variant("moe:16:3:swish:num_shared_experts=1:router=sigmoid", 128, "active")
+    assert variant.name == "moe-16-3-swish-num_shared_experts-1-router-sigmoid"
+    assert variant.overrides[3:] == [
+        "model.moe.activation=swish",
+        "model.moe.num_shared_experts=1",
+        "model.moe.router=sigmoid",
+        "model.moe.hidden_size=128",  # 4 * 128 / (3 routed + 1 shared)
+    ]
+
+
+@pytest.mark.parametrize("spec", ["moe:4:1", "moe:8:2", "moe:16:4", "moe:32:8", "moe:15:3:num_shared_experts=1"])
 def test_matched_variants_have_the_dense_active_parameter_count(spec):
     dense = compose_run_config(["model=dense"]).model
     moe = compose_run_config(parse_variant(spec, dense.n_embd, "active").overrides).model
     router = moe.n_layer * moe.n_embd * moe.moe.num_experts
-    extra_output_biases = moe.n_layer * (moe.moe.top_k - 1) * moe.n_embd  # each active expert has its own
+    active_experts = moe.moe.top_k + moe.moe.num_shared_experts
+    extra_output_biases = moe.n_layer * (active_experts - 1) * moe.n_embd  # each active expert has its own
     assert parameter_counts(moe)["params_active"] == parameter_counts(dense)["params_active"] + router + extra_output_biases
 
 

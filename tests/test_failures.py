@@ -57,7 +57,7 @@ def test_a_config_that_does_not_compose_is_one_line_and_exit_code_2(tmp_path, ov
         ("model.vocab_size=100", "model.vocab_size=100 is smaller than the GPT-2 tokenizer's 50257 token ids"),
         (
             "model.moe.every_n_layers=3",
-            "model.moe.every_n_layers=3 is above model.n_layer=2, so no block gets an MoE layer",
+            "model.moe.every_n_layers=3 and model.moe.first_k_dense=0 leave no MoE block among model.n_layer=2",
         ),
         ("trainer.accelerator=gpu", "trainer.accelerator=gpu but no CUDA GPU is available here; use trainer=cpu"),
     ],

@@ -40,14 +40,14 @@ def test_expert_forward_maps_tokens_to_model_width():
 
 
 def test_gate_probabilities_sum_to_one():
-    router = Router(n_embd=32, num_experts=8, top_k=2, normalize_top_k=True)
+    router = Router(32, MoEConfig(num_experts=8, top_k=2, normalize_top_k=True))
     route = router(torch.randn(50, 32))
     torch.testing.assert_close(route.probs_TE.sum(-1), torch.ones(50))
     assert (route.probs_TE >= 0).all()
 
 
 def test_topk_indices_are_in_range_and_distinct():
-    router = Router(n_embd=32, num_experts=8, top_k=3, normalize_top_k=True)
+    router = Router(32, MoEConfig(num_experts=8, top_k=3, normalize_top_k=True))
     idx = router(torch.randn(200, 32)).topk_idx_TK
     assert idx.shape == (200, 3)
     assert idx.min() >= 0 and idx.max() < 8
@@ -55,7 +55,7 @@ def test_topk_indices_are_in_range_and_distinct():
 
 
 def test_topk_indices_pick_the_largest_probabilities():
-    router = Router(n_embd=32, num_experts=8, top_k=2, normalize_top_k=False)
+    router = Router(32, MoEConfig(num_experts=8, top_k=2, normalize_top_k=False))
     route = router(torch.randn(100, 32))
     chosen = route.probs_TE.gather(1, route.topk_idx_TK).min(-1).values
     unchosen = route.probs_TE.scatter(1, route.topk_idx_TK, -1.0).max(-1).values
@@ -64,13 +64,13 @@ def test_topk_indices_pick_the_largest_probabilities():
 
 
 def test_topk_weights_sum_to_one():
-    router = Router(n_embd=32, num_experts=8, top_k=2, normalize_top_k=True)
+    router = Router(32, MoEConfig(num_experts=8, top_k=2, normalize_top_k=True))
     scores = router(torch.randn(100, 32)).topk_scores_TK
     torch.testing.assert_close(scores.sum(-1), torch.ones(100))
 
 
 def test_router_runs_in_float32_under_autocast():
-    router = Router(n_embd=32, num_experts=4, top_k=1, normalize_top_k=True).to(torch.bfloat16)
+    router = Router(32, MoEConfig(num_experts=4, top_k=1, normalize_top_k=True)).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         route = router(torch.randn(10, 32, dtype=torch.bfloat16))
     assert route.logits_TE.dtype == torch.float32 and route.probs_TE.dtype == torch.float32
@@ -212,6 +212,7 @@ def test_intermediate_holds_the_design_fields_and_serialises():
         "gate_scores",
         "top_k_scores",
         "top_k_indices",
+        "top_k_used",
         "expert_outputs",
         "final_output",
         "load_balance_loss",

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 IMPLEMENTATIONS = ("auto", "grouped_mm", "blocked")
 # grouped_mm's kernels in torch 2.13: these dtypes on the CPU, bfloat16 on CUDA from Ampere on.
@@ -42,6 +43,13 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
     "swish": F.silu,
     "tanh": torch.tanh,
+}
+# The same, written into a given tensor (one pass less than computing and then copying).
+ACTIVATIONS_INTO: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "gelu": lambda x, out: torch._C._nn.gelu(x, approximate="tanh", out=out),
+    "relu": lambda x, out: torch.clamp_min(x, 0, out=out),
+    "swish": lambda x, out: torch._C._nn.silu(x, out=out),
+    "tanh": lambda x, out: torch.tanh(x, out=out),
 }
 # The activation's backward: (grad of output, input, output) -> grad of input.
 ACTIVATION_GRADS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
@@ -103,17 +111,32 @@ def _forward_grouped(x, tokens, weight, offsets, w1, b1, w2, every_row_computed,
 def _forward_blocked(x, tokens, weight, offsets, w1, b1, w2, every_row_computed, activation):
     x_rows = x.index_select(0, tokens).to(w1.dtype)
     h = torch.empty(x_rows.shape[0], w1.shape[1], dtype=w1.dtype, device=x.device)
-    a, y = torch.empty_like(h), x_rows.new_zeros(x_rows.shape[0], w2.shape[1])
+    a, y = torch.empty_like(h), _rows_buffer(x_rows, w2.shape[1], every_row_computed)
+    scale_outputs = _outputs_are_narrower(w1, w2)
     for e, start, end in _row_blocks(offsets):
         rows = slice(start, end)
         if b1 is None:
             torch.mm(x_rows[rows], w1[e].t(), out=h[rows])
         else:
             torch.addmm(b1[e], x_rows[rows], w1[e].t(), out=h[rows])
-        a[rows] = ACTIVATIONS[activation](h[rows])
-        torch.mm((a[rows] * weight[rows, None]).to(w2.dtype), w2[e].t(), out=y[rows])
+        ACTIVATIONS_INTO[activation](h[rows], a[rows])
+        if scale_outputs:
+            torch.mm(a[rows], w2[e].t(), out=y[rows]).mul_(weight[rows, None])
+        else:
+            torch.mm(a[rows] * weight[rows, None], w2[e].t(), out=y[rows])
     # One scatter for all rows: measured twice as fast as one per expert.
     return torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype)), h, a
+
+
+def _rows_buffer(like: Tensor, width: int, every_row_computed: bool) -> Tensor:
+    """Per-row results: every row is written by its expert's block, except rows no expert owns (zero)."""
+    make = torch.empty if every_row_computed else torch.zeros
+    return make(like.shape[0], width, dtype=like.dtype, device=like.device)
+
+
+def _outputs_are_narrower(w1: Tensor, w2: Tensor) -> bool:
+    """Scale by the routing weight wherever the numbers are fewer: the outputs (D) or the hidden units (H)."""
+    return w2.shape[1] <= w1.shape[1]
 
 
 @torch.library.custom_op("moe_gpt::moe_ffn", mutates_args=())
@@ -157,16 +180,22 @@ def _backward_grouped(g, x, tokens, weight, offsets, w1, w2, h, a, every_row_com
 
 def _backward_blocked(g, x, tokens, weight, offsets, w1, w2, h, a, every_row_computed, activation):
     g_rows, x_rows = g.index_select(0, tokens).to(w2.dtype), x.index_select(0, tokens).to(w1.dtype)
-    dx_rows, grad_weight = torch.zeros_like(x_rows), weight.new_zeros(weight.shape)
-    # Experts without rows get no gradient; every other block is written whole below.
-    grad_w1, grad_w2, grad_b1 = torch.zeros_like(w1), torch.zeros_like(w2), w1.new_zeros(w1.shape[:2])
-    for e, start, end in _row_blocks(offsets):
+    dx_rows, grad_weight = _rows_buffer(x_rows, x_rows.shape[1], every_row_computed), weight.new_zeros(weight.shape)
+    grad_w1, grad_w2, grad_b1 = torch.empty_like(w1), torch.empty_like(w2), w1.new_empty(w1.shape[:2])
+    blocks = _row_blocks(offsets)
+    for e in set(range(w1.shape[0])) - {e for e, _, _ in blocks}:  # experts without rows: no gradient
+        grad_w1[e], grad_w2[e], grad_b1[e] = 0, 0, 0
+    scale_outputs = _outputs_are_narrower(w1, w2)
+    for e, start, end in blocks:
         rows = slice(start, end)
-        a_rows, w_rows = a[rows], weight[rows, None]
-        da = g_rows[rows] @ w2[e]
-        grad_weight[rows] = (da.float() * a_rows.float()).sum(-1)
-        torch.mm(g_rows[rows].t(), (a_rows * w_rows).to(w2.dtype), out=grad_w2[e])
-        dh = ACTIVATION_GRADS[activation]((da * w_rows).to(h.dtype), h[rows], a_rows).to(w1.dtype)
+        a_rows, w_rows = a[rows], weight[rows, None].to(w2.dtype)
+        da = g_rows[rows] @ w2[e]  # gradient of the unweighted activation output
+        grad_weight[rows] = torch.linalg.vecdot(da, a_rows)
+        if scale_outputs:
+            torch.mm((g_rows[rows] * w_rows).t(), a_rows, out=grad_w2[e])
+        else:
+            torch.mm(g_rows[rows].t(), a_rows * w_rows, out=grad_w2[e])
+        dh = ACTIVATION_GRADS[activation](da.mul_(w_rows), h[rows], a_rows)
         torch.mm(dh.t(), x_rows[rows], out=grad_w1[e])
         torch.sum(dh, 0, out=grad_b1[e])
         torch.mm(dh, w1[e], out=dx_rows[rows])
@@ -223,3 +252,17 @@ def _backward(ctx, grad_out: Tensor, grad_h: Optional[Tensor], grad_a: Optional[
 
 
 moe_ffn.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+# FLOP counts for torch.utils.flop_counter (Lightning's model summary and throughput use it): an
+# opaque operator counts as zero otherwise. Every row counts, as for the dense matmuls it replaces.
+@register_flop_formula(torch.ops.moe_gpt.moe_ffn)
+def _moe_ffn_flops(x_shape, token_shape, weight_shape, offsets_shape, w1_shape, *args, out_shape=None, **kwargs) -> int:
+    rows, (_, hidden, width) = token_shape[0], w1_shape
+    return 2 * 2 * rows * hidden * width  # two matmuls
+
+
+@register_flop_formula(torch.ops.moe_gpt.moe_ffn_backward)
+def _moe_ffn_backward_flops(grad_shape, x_shape, token_shape, weight_shape, offsets_shape, w1_shape, *args, **kwargs):
+    rows, (_, hidden, width) = token_shape[0], w1_shape
+    return 4 * 2 * rows * hidden * width  # input and weight gradients of both matmuls

@@ -21,12 +21,22 @@ from tests.helpers import REPO, TINY, train_in_process
 
 
 def small(use_moe=True, **moe) -> GPTConfig:
-    return GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, use_moe=use_moe, moe=MoEConfig(**{"num_experts": 4, "top_k": 2, **moe}))
+    return GPTConfig(
+        block_size=16,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        use_moe=use_moe,
+        moe=MoEConfig(**{"num_experts": 4, "top_k": 2, **moe}),
+    )
 
 
 def test_parameter_counts_match_a_built_model():
     model = GPT(small())
-    assert parameter_counts(small()) == {"params_total": model.num_parameters(), "params_active": model.num_active_parameters()}
+    assert parameter_counts(small()) == {
+        "params_total": model.num_parameters(),
+        "params_active": model.num_active_parameters(),
+    }
 
 
 def test_gpt2_small_has_124m_parameters():
@@ -97,8 +107,17 @@ def test_routing_report_gives_experts_per_token_under_top_p_and_the_dropped_shar
 
 def test_analyze_config_cli_prints_costs_as_json():
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "analyze.py"), "config", "model.moe.num_experts=4", "model.moe.top_k=1"],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "analyze.py"),
+            "config",
+            "model.moe.num_experts=4",
+            "model.moe.top_k=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     report = json.loads(result.stdout)
     assert report["params_active"] < report["params_total"]
@@ -108,8 +127,14 @@ def test_analyze_config_cli_prints_costs_as_json():
 def test_analyze_routing_cli_reports_a_checkpoint(tmp_path, corpus_overrides):
     train_in_process(TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2"], tmp_path)
     command = [
-        sys.executable, str(REPO / "scripts" / "analyze.py"), "routing",
-        "--checkpoint", str(tmp_path / "checkpoints" / "last.ckpt"), "--text", "def main():\n    return 0\n", "--intermediate",
+        sys.executable,
+        str(REPO / "scripts" / "analyze.py"),
+        "routing",
+        "--checkpoint",
+        str(tmp_path / "checkpoints" / "last.ckpt"),
+        "--text",
+        "def main():\n    return 0\n",
+        "--intermediate",
     ]
     report = json.loads(subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout)
     assert len(report["moe_layers"]) == 2
@@ -118,8 +143,20 @@ def test_analyze_routing_cli_reports_a_checkpoint(tmp_path, corpus_overrides):
 
 def test_analyze_routing_cli_missing_checkpoint_is_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "analyze.py"), "routing", "--checkpoint", str(tmp_path / "no.ckpt"), "--text", "x"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "analyze.py"),
+            "routing",
+            "--checkpoint",
+            str(tmp_path / "no.ckpt"),
+            "--text",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'no.ckpt'} does not exist; pass a .ckpt from a run's checkpoints/ folder"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: checkpoint {tmp_path / 'no.ckpt'} does not exist; pass a .ckpt from a run's checkpoints/ folder"
+    ]

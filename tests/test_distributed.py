@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.helpers import TINY, csv_column, run_train_cli
 
@@ -34,6 +35,24 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(tmp_path, cor
     # One metrics.json, written once, counting both processes' tokens.
     assert ddp["train_tokens"] == alone["train_tokens"] == 6 * 4 * 32
     assert [h["tokens"] for h in ddp["val_history"]] == [h["tokens"] for h in alone["val_history"]]
+
+
+@pytest.mark.slow
+def test_aux_free_bias_moves_alike_with_two_processes_and_with_one(tmp_path, corpus_overrides):
+    """The bias update reads the load summed over processes, so every process (and one alone) moves it alike."""
+    aux_free = ["model.moe.router=sigmoid", "model.moe.load_balance=aux_free", "model.moe.bias_update_rate=0.01"]
+    train_cli(corpus_overrides + aux_free + ["data.batch_size=4"], tmp_path / "alone")
+    train_cli(
+        corpus_overrides + aux_free + ["data.batch_size=2", "trainer.devices=2", "trainer.strategy=ddp"],
+        tmp_path / "ddp",
+    )
+    biases = {}
+    for name in ("alone", "ddp"):
+        state = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        biases[name] = [tensor for key, tensor in sorted(state.items()) if key.endswith("selection_bias")]
+    assert len(biases["ddp"]) == 2 and any(bias.abs().sum() > 0 for bias in biases["ddp"])
+    for alone, ddp in zip(biases["alone"], biases["ddp"]):
+        assert torch.equal(alone, ddp)
 
 
 def test_a_sweep_with_several_processes_per_job_is_refused_with_how_to_run_it(tmp_path, corpus_overrides):

@@ -364,21 +364,30 @@ def test_moe_layer_compiles_with_fullgraph_and_matches_eager(features):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def tiny_gpt(moe: MoEConfig) -> GPT:
+    return GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=D, use_moe=True, moe=moe))
+
+
 @pytest.mark.slow
 def test_whole_model_compiles_without_a_graph_break():
     torch.manual_seed(0)
-    config = GPTConfig(
-        block_size=16,
-        vocab_size=100,
-        n_layer=2,
-        n_head=2,
-        n_embd=D,
-        use_moe=True,
-        moe=MoEConfig(num_experts=4, first_k_dense=1),
-    )
-    model = GPT(config)
+    model = tiny_gpt(MoEConfig(num_experts=4, first_k_dense=1))
     idx = torch.randint(0, 100, (2, 16))
     explanation = torch._dynamo.explain(model)(idx, idx)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(idx, idx).loss, model(idx, idx).loss, rtol=1e-5, atol=1e-5)
+
+
+def test_flop_counter_counts_the_fused_expert_operator_like_the_per_expert_matmuls():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    totals = {}
+    for impl in ("auto", "loop"):
+        model = tiny_gpt(MoEConfig(experts_impl=impl))
+        with FlopCounterMode(display=False) as counter:
+            model(idx, idx).loss.backward()
+        totals[impl] = counter.get_total_flops()
+    # Lightning's summary and MFU read these; "auto" adds the (T, E) x (E, D) matmul of the output biases.
+    assert totals["auto"] == pytest.approx(totals["loop"], rel=0.02)

@@ -82,13 +82,17 @@ def test_user_overrides_replace_defaults_for_the_same_key():
 @pytest.mark.slow
 def test_tiny_comparison_writes_report_table_and_plots(tmp_path, corpus_overrides):
     out = tmp_path / "report"
-    command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), "--variants", "dense,moe:4:2"]
+    variants = "dense,moe:4:2,moe:3:1:num_shared_experts=1:router=sigmoid"
+    command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), "--variants", variants]
     result = subprocess.run(command + TINY + corpus_overrides + ["logger=csv"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader((out / "report.csv").open()))
-    assert [(r["variant"], r["status"]) for r in rows] == [("dense", "ok"), ("moe-4-2", "ok")]
+    shared = "moe-3-1-num_shared_experts-1-router-sigmoid"
+    assert [(r["variant"], r["status"]) for r in rows] == [("dense", "ok"), ("moe-4-2", "ok"), (shared, "ok")]
     assert rows[0]["params_active"] == rows[0]["params_total"] and rows[1]["params_active"] < rows[1]["params_total"]
-    for name in ("report.md", "val_loss_vs_tokens.png", "val_loss_vs_time.png", "usage_moe-4-2.png"):
+    # Matched: the shared variant's 1 routed + 1 shared expert hold the dense FFN's weights (+ router, biases).
+    assert abs(int(rows[2]["params_active"]) - int(rows[0]["params_active"])) < 0.01 * int(rows[0]["params_active"])
+    for name in ("report.md", "val_loss_vs_tokens.png", "val_loss_vs_time.png", "usage_moe-4-2.png", f"usage_{shared}.png"):
         assert (out / name).is_file(), name
     assert "| moe-4-2 |" in (out / "report.md").read_text()
 

@@ -13,7 +13,8 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import WandbLogger
 
 from moe_gpt.checkpointing import LastCheckpoint, RNGStateCallback, RunRecordCallback
@@ -28,9 +29,14 @@ from moe_gpt.loggers import build_loggers
 from moe_gpt.preemption import StopAtStepEnd, stop_signals_raise
 from moe_gpt.resume import Resume, check_resumable, find_resume
 from moe_gpt.run_dir import claimed, is_global_zero, logging_to_file, write_json
+from moe_gpt.run_summary import CURVES_FILE, SUMMARY_FILE, summary_text, write_curves_png
 from moe_gpt.trainer import build_trainer
 
 log = logging.getLogger(__name__)
+THROUGHPUT_WINDOW_BATCHES = 10  # batches the logged tokens/s and MFU average over
+# Lightning precision setting -> the dtype its matmuls run in, for the peak-FLOPs table.
+MATMUL_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "bf16": torch.bfloat16,
+                 "16-mixed": torch.float16, "16-true": torch.float16, "16": torch.float16}  # fmt: skip
 
 
 @dataclass
@@ -88,14 +94,14 @@ def _train_in_claimed_dir(cfg: RunConfig, record: RunRecord, resume: Optional[Re
     config_to_log = record.resolved_config or asdict(cfg)
     resumed_step = resume.step if resume is not None else None
     loggers = build_loggers(cfg.logger, run_dir, f"{model_kind}-{run_dir.name}", config_to_log, wandb_id, resumed_step)
-    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1)
+    best = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1
+    )
     run_record = {"overrides": record.overrides, "config": asdict(cfg), "wandb_id": wandb_id}
     trainer = build_trainer(cfg, loggers, run_callbacks(cfg, best, run_record, with_lr_monitor=bool(loggers)))
     warn_if_world_size_changed(resume, trainer)
     try:
-        fit_started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
-        fit_seconds = time.perf_counter() - fit_started
         val_loss = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
     finally:
         if any(isinstance(logger, WandbLogger) for logger in loggers):
@@ -103,12 +109,15 @@ def _train_in_claimed_dir(cfg: RunConfig, record: RunRecord, resume: Optional[Re
 
             wandb.finish()
 
-    metrics = summarize(cfg, module, datamodule, trainer, val_loss, fit_seconds, time.perf_counter() - started)
+    metrics = summarize(cfg, module, datamodule, trainer, val_loss, time.perf_counter() - started)
     metrics["model"] = model_kind
     metrics["best_val_loss"] = float(best.best_model_score) if best.best_model_score is not None else None
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
-        log.info("metrics: %s", metrics)
+        write_curves_png(run_dir / CURVES_FILE, module.train_history, module.val_history)
+        summary = summary_text(metrics, run_dir, cfg.logger.kind)
+        (run_dir / SUMMARY_FILE).write_text(summary + "\n")
+        print(summary, flush=True)
     return metrics
 
 
@@ -134,7 +143,16 @@ def run_callbacks(
         ExpertUsageLogger(cfg.logger.expert_stats_every_n_steps, cfg.logger.heatmap_every_n_steps),
         StepProgressBar(),
     ]
-    return callbacks + [LearningRateMonitor(logging_interval="step")] if with_lr_monitor else callbacks
+    if not with_lr_monitor:  # no logger: nothing to log throughput or learning rate to
+        return callbacks
+    # Tokens/s and, on GPUs in Lightning's peak-FLOPs table, MFU: logged as train/device/items_per_sec,
+    # train/device/mfu (and totals over processes), over a window of batches, validation time excluded.
+    throughput = ThroughputMonitor(
+        batch_size_fn=lambda batch: batch[0].shape[0],
+        length_fn=lambda batch: batch[0].numel(),
+        window_size=THROUGHPUT_WINDOW_BATCHES,
+    )
+    return callbacks + [LearningRateMonitor(logging_interval="step"), throughput]
 
 
 def warn_if_world_size_changed(resume: Optional[Resume], trainer: L.Trainer) -> None:
@@ -163,9 +181,10 @@ def summarize(
     datamodule: TokenDataModule,
     trainer: L.Trainer,
     val_loss: float,
-    fit_seconds: float,
     wall_seconds: float,
 ) -> dict[str, Any]:
+    training_seconds = module.session_training_seconds
+    tokens_per_sec = (module.tokens_seen - module.tokens_at_start) / training_seconds  # this session, no validation
     return {
         "val_loss": val_loss,
         "val_ppl": perplexity(val_loss),
@@ -174,13 +193,22 @@ def summarize(
         "world_size": trainer.world_size,
         "params_total": module.model.num_parameters(),
         "params_active": module.model.num_active_parameters(),
-        "tokens_per_sec": (module.tokens_seen - module.tokens_at_start) / fit_seconds,  # this session
+        "tokens_per_sec": tokens_per_sec,
+        "train_seconds": training_seconds,
+        "mfu": model_flops_utilization(module.train_flops_per_token * tokens_per_sec, trainer, cfg.trainer.precision),
         "wall_time_s": wall_seconds,
         "peak_memory_mb": peak_memory_mb(),
         "corpus": cfg.data.name,
         "corpus_train_tokens": datamodule.train_tokens,
         "val_history": module.val_history,
     }
+
+
+def model_flops_utilization(flops_per_sec: float, trainer: L.Trainer, precision: str) -> Optional[float]:
+    """Achieved training FLOP/s over the devices' peak (Lightning's table); None where the peak is unknown (CPUs)."""
+    dtype = MATMUL_DTYPES.get(precision, torch.float32)
+    peak = get_available_flops(trainer.strategy.root_device, dtype)
+    return None if not peak else flops_per_sec / (peak * trainer.world_size)
 
 
 def perplexity(loss: float) -> float:

@@ -104,7 +104,7 @@ def _variant_setting(spec: str, part: str) -> tuple[str, str]:
 
 
 def train_variant(variant: Variant, base: list[str], run_dir: Path, group: str) -> dict:
-    """Run train.py for one variant; its metrics.json, or a failure with the error line."""
+    """Run train.py for one variant; its metrics.json, or a failure with its reason."""
     command = [
         sys.executable,
         str(REPO / "train.py"),
@@ -116,9 +116,17 @@ def train_variant(variant: Variant, base: list[str], run_dir: Path, group: str) 
     print(f"[compare] {variant.name}: {' '.join(command[2:])}", flush=True)
     result = subprocess.run(command, cwd=REPO, env=os.environ, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
-        reason = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "no output")
-        return {"status": "failed", "reason": reason}
+        return {"status": "failed", "reason": failure_reason(run_dir, result.stderr)}
     return {"status": "ok", **json.loads((run_dir / "metrics.json").read_text())}
+
+
+def failure_reason(run_dir: Path, stderr: str) -> str:
+    """train.py's own record of why the run failed (failure.json), else the last line it printed
+    (bad input writes no record: the run never claimed its folder)."""
+    try:
+        return json.loads((run_dir / "failure.json").read_text())["reason"]
+    except (OSError, ValueError, KeyError):
+        return next((line for line in reversed(stderr.splitlines()) if line.strip()), "no output")
 
 
 def usage_heatmap(run_dir: Path, run: RunConfig, out_path: Path) -> None:

@@ -1,6 +1,7 @@
 """scripts/compare.py: variant parsing, active-parameter matching, and a tiny real comparison."""
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -71,11 +72,16 @@ def test_matched_variants_have_the_dense_active_parameter_count(spec):
     router = moe.n_layer * moe.n_embd * moe.moe.num_experts
     active_experts = moe.moe.top_k + moe.moe.num_shared_experts
     extra_output_biases = moe.n_layer * (active_experts - 1) * moe.n_embd  # each active expert has its own
-    assert parameter_counts(moe)["params_active"] == parameter_counts(dense)["params_active"] + router + extra_output_biases
+    assert (
+        parameter_counts(moe)["params_active"]
+        == parameter_counts(dense)["params_active"] + router + extra_output_biases
+    )
 
 
 def test_user_overrides_replace_defaults_for_the_same_key():
-    merged = merge_overrides(["trainer.max_steps=100", "trainer.limit_val_batches=10"], ["trainer.max_steps=7", "data=text"])
+    merged = merge_overrides(
+        ["trainer.max_steps=100", "trainer.limit_val_batches=10"], ["trainer.max_steps=7", "data=text"]
+    )
     assert merged == ["trainer.limit_val_batches=10", "trainer.max_steps=7", "data=text"]
 
 
@@ -84,7 +90,9 @@ def test_tiny_comparison_writes_report_table_and_plots(tmp_path, corpus_override
     out = tmp_path / "report"
     variants = "dense,moe:4:2,moe:3:1:num_shared_experts=1:router=sigmoid"
     command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), "--variants", variants]
-    result = subprocess.run(command + TINY + corpus_overrides + ["logger=csv"], capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        command + TINY + corpus_overrides + ["logger=csv"], capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader((out / "report.csv").open()))
     shared = "moe-3-1-num_shared_experts-1-router-sigmoid"
@@ -92,15 +100,39 @@ def test_tiny_comparison_writes_report_table_and_plots(tmp_path, corpus_override
     assert rows[0]["params_active"] == rows[0]["params_total"] and rows[1]["params_active"] < rows[1]["params_total"]
     # Matched: the shared variant's 1 routed + 1 shared expert hold the dense FFN's weights (+ router, biases).
     assert abs(int(rows[2]["params_active"]) - int(rows[0]["params_active"])) < 0.01 * int(rows[0]["params_active"])
-    for name in ("report.md", "val_loss_vs_tokens.png", "val_loss_vs_time.png", "usage_moe-4-2.png", f"usage_{shared}.png"):
+    for name in (
+        "report.md",
+        "val_loss_vs_tokens.png",
+        "val_loss_vs_time.png",
+        "usage_moe-4-2.png",
+        f"usage_{shared}.png",
+    ):
         assert (out / name).is_file(), name
     assert "| moe-4-2 |" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_variant_that_diverges_is_reported_with_the_reason_train_py_recorded(tmp_path, corpus_overrides):
+    out = tmp_path / "report"
+    variants = "dense,moe:4:2:z_loss_coef=1e300"  # an infinite training loss at the first step
+    command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), "--variants", variants]
+    result = subprocess.run(
+        command + TINY + corpus_overrides + ["logger=none"], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]  # a failed variant is a row of the report, not a crash
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [(r["variant"], r["status"]) for r in rows] == [("dense", "ok"), ("moe-4-2-z_loss_coef-1e300", "failed")]
+    recorded = json.loads((out / "moe-4-2-z_loss_coef-1e300" / "failure.json").read_text())["reason"]
+    assert recorded.startswith("training diverged") and f"failed: {recorded}" in (out / "report.md").read_text()
 
 
 def test_comparison_refuses_a_non_empty_output_directory(tmp_path):
     (tmp_path / "report.md").write_text("an earlier report")
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+        [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2 and "is not empty" in result.stderr
     assert (tmp_path / "report.md").read_text() == "an earlier report"

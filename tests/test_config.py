@@ -1,7 +1,12 @@
 """Config validation and Hydra composition of the real configs/ tree."""
 
+import re
+import subprocess
+import sys
+
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from moe_gpt.compose import compose_run_config
 from moe_gpt.config import (
@@ -17,6 +22,7 @@ from moe_gpt.config import (
     config_warnings,
     run_warnings,
 )
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize(
@@ -76,8 +82,12 @@ def test_valid_edge_values_are_accepted():
 
 def test_warnings_for_top_k_equal_to_experts_and_many_experts_on_small_model():
     assert any("top_k=4" in w for w in config_warnings(GPTConfig(use_moe=True, moe=MoEConfig(num_experts=4, top_k=4))))
-    assert any("small model" in w for w in config_warnings(GPTConfig(n_embd=256, use_moe=True, moe=MoEConfig(num_experts=16))))
-    assert any("one expert" in w for w in config_warnings(GPTConfig(use_moe=True, moe=MoEConfig(num_experts=1, top_k=1))))
+    assert any(
+        "small model" in w for w in config_warnings(GPTConfig(n_embd=256, use_moe=True, moe=MoEConfig(num_experts=16)))
+    )
+    assert any(
+        "one expert" in w for w in config_warnings(GPTConfig(use_moe=True, moe=MoEConfig(num_experts=1, top_k=1)))
+    )
     assert config_warnings(GPTConfig(n_embd=256, use_moe=True, moe=MoEConfig(num_experts=8, top_k=2))) == []
     assert config_warnings(GPTConfig(use_moe=False, moe=MoEConfig(num_experts=64, top_k=64))) == []
 
@@ -141,3 +151,18 @@ def test_every_data_preset_composes(preset):
 @pytest.mark.parametrize("group,choice", [("trainer", "gpu"), ("logger", "csv"), ("logger", "none")])
 def test_every_trainer_and_logger_preset_composes(group, choice):
     compose_run_config([f"{group}={choice}"])
+
+
+def test_help_lists_the_main_keys_with_their_real_defaults():
+    result = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert "Main keys:" in result.stdout and "model.moe.num_experts=8" in result.stdout
+    assert all(len(line) <= 100 for line in result.stdout.splitlines())
+    defaults = OmegaConf.structured(compose_run_config([]))
+    shown = re.findall(r"^  ([a-z_]+\.[a-z_.]+)=(\S+)\s", result.stdout, flags=re.MULTILINE)
+    checked = [(key, value) for key, value in shown if not key.startswith("hydra.") and value != "PATH"]
+    assert len(checked) >= 10
+    for key, value in checked:  # the help must not drift from the defaults it states
+        actual = OmegaConf.select(defaults, key, throw_on_missing=True)
+        assert str(actual).lower() in (value, "none" if value == "null" else value), key

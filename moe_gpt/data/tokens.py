@@ -61,6 +61,9 @@ class TokenCache:
     reused: bool  # True: found on disk; False: built by this call
 
 
+_ANNOUNCED: set[Path] = set()  # caches this process has already logged
+
+
 def build_or_load_token_cache(cfg: DataConfig, tokenizer: tiktoken.Encoding) -> TokenCache:
     """Return the token cache for ``cfg``, building it first when no cache has these inputs."""
     _check_name(cfg.name)
@@ -73,7 +76,11 @@ def build_or_load_token_cache(cfg: DataConfig, tokenizer: tiktoken.Encoding) -> 
         cache = open_token_cache(directory, reused=True)
     else:
         cache = _build(cfg, tokenizer, key_inputs, directory, load_corpus(cfg, spec))
-    log.info(
+    # Fit and the final validation both set the data up: say it once per process and cache.
+    level = logging.DEBUG if cache.reused and directory in _ANNOUNCED else logging.INFO
+    _ANNOUNCED.add(directory)
+    log.log(
+        level,
         "token cache %s %s in %.2fs: train %d tokens (%d docs), val %d tokens (%d docs)",
         directory,
         "reused" if cache.reused else "built",
@@ -86,7 +93,9 @@ def build_or_load_token_cache(cfg: DataConfig, tokenizer: tiktoken.Encoding) -> 
     return cache
 
 
-def cache_key_inputs(cfg: DataConfig, corpus_fingerprint: dict[str, Any], tokenizer: tiktoken.Encoding) -> dict[str, Any]:
+def cache_key_inputs(
+    cfg: DataConfig, corpus_fingerprint: dict[str, Any], tokenizer: tiktoken.Encoding
+) -> dict[str, Any]:
     """Everything that decides the cache's contents (and nothing that does not, like batch_size)."""
     return {
         "format_version": FORMAT_VERSION,
@@ -207,7 +216,9 @@ def _publish(staging: Path, directory: Path, meta: dict[str, Any]) -> TokenCache
     return _cache_from_meta(directory, meta, reused=False)
 
 
-def tokenize_documents(corpus: Corpus, tokenizer: tiktoken.Encoding, out_dir: Path, val_fraction: float) -> dict[str, Any]:
+def tokenize_documents(
+    corpus: Corpus, tokenizer: tiktoken.Encoding, out_dir: Path, val_fraction: float
+) -> dict[str, Any]:
     """Encode every document, append EOT, and write each to train.bin or val.bin; return the counts."""
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     train, val = SplitWriter(out_dir / "train.bin", TOKEN_DTYPE), SplitWriter(out_dir / "val.bin", TOKEN_DTYPE)

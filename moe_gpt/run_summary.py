@@ -1,0 +1,76 @@
+"""What a finished run leaves for a reader: a short plain-text summary and a loss-curve picture.
+
+Both come from ``metrics.json``'s numbers, so they read the same with any logger (``logger=none``
+included): the summary is printed and saved as ``summary.txt``, the picture as ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any, Optional
+
+CURVES_FILE = "curves.png"
+SUMMARY_FILE = "summary.txt"
+
+
+def summary_text(metrics: dict[str, Any], run_dir: Path, logger_kind: str) -> str:
+    """A dozen lines: where the run is, how it ended, how fast it trained, and what to run next."""
+    folder = shlex.quote(str(run_dir))
+    best = run_dir / "checkpoints" / "best.ckpt"
+    lines = [
+        f"run finished: {run_dir}",
+        f"  {metrics['steps']} steps, {metrics['train_tokens']:,} training tokens, {_duration(metrics['wall_time_s'])}",
+        f"  val loss {_number(metrics['val_loss'])} (perplexity {_number(metrics['val_ppl'], 1)}), "
+        f"best {_number(metrics.get('best_val_loss'))}",
+        f"  {_number(metrics['tokens_per_sec'], 0, thousands=True)} tokens/s (training only), "
+        f"MFU {_mfu(metrics.get('mfu'))}",
+        f"  checkpoints: {run_dir / 'checkpoints'}/ (best.ckpt, last.ckpt)",
+        f"  logs: {_logs(run_dir, logger_kind)}",
+        f"  loss curves: {run_dir / CURVES_FILE}",
+        f"  generate: python scripts/generate.py --checkpoint {shlex.quote(str(best))} --prompt 'def '",
+        f"  continue: python train.py hydra.run.dir={folder} resume=last trainer.max_steps={2 * metrics['steps']}",
+    ]
+    return "\n".join(lines)
+
+
+def _logs(run_dir: Path, logger_kind: str) -> str:
+    files = {
+        "wandb": f"{run_dir / 'wandb'}/ (offline: wandb sync {run_dir / 'wandb'}/offline-run-*)",
+        "csv": str(run_dir / "csv" / "metrics.csv"),
+        "none": "no metrics logger (logger=none)",
+    }
+    return f"{run_dir / 'train.log'}, {run_dir / 'metrics.json'}, {files[logger_kind]}"
+
+
+def _number(value: Optional[float], digits: int = 3, thousands: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}" if thousands else f"{value:.{digits}f}"
+
+
+def _mfu(value: Optional[float]) -> str:
+    return "n/a (no known peak)" if value is None else f"{100 * value:.1f}%"
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def write_curves_png(path: Path, train_history: list[dict], val_history: list[dict]) -> None:
+    """Training and validation loss against training tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([h["tokens"] for h in train_history], [h["loss"] for h in train_history], label="train (total loss)")
+    ax.plot([h["tokens"] for h in val_history], [h["val_loss"] for h in val_history], "o-", label="validation")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, bbox_inches="tight", dpi=100)
+    plt.close(fig)

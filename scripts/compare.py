@@ -9,6 +9,7 @@ heatmap per MoE variant. All runs share one W&B group.
     python scripts/compare.py --variants dense,moe:8:2,moe:16:1:swish data=shakespeare trainer.max_steps=2000
     python scripts/compare.py --match none model.moe.hidden_size=256   # keep the configured expert width
     python scripts/compare.py --variants moe:8:2,moe:32:8,moe:31:7:num_shared_experts=1   # fine-grained, shared
+    python scripts/compare.py --variants dense,moe:8:2 --seeds 3   # means over seeds and a verdict with a 95% CI
 
 A variant is ``dense`` or ``moe:E:K[:activation][:key=value...]`` where key is any model.moe key,
 e.g. ``moe:16:4:num_shared_experts=1:router=sigmoid`` or ``moe:8:2:load_balance=aux_free``.
@@ -24,6 +25,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +43,7 @@ from moe_gpt.cpu_memory import reuse_freed_cpu_memory
 from moe_gpt.data import DataError, TokenDataModule
 from moe_gpt.expert_usage import usage_heatmap_png
 from moe_gpt.outcomes import EXIT_BAD_INPUT, one_line
+from moe_gpt.verdict import paired_difference, spread, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_DEFAULT = ["trainer.max_steps=100", "trainer.val_check_interval=25", "trainer.limit_val_batches=10"]
@@ -129,6 +132,19 @@ def failure_reason(run_dir: Path, stderr: str) -> str:
         return next((line for line in reversed(stderr.splitlines()) if line.strip()), "no output")
 
 
+def run_variant(
+    variant: Variant, seed: int, base: list[str], run_dir: Path, run_config: RunConfig, out_dir: Path, group: str
+) -> dict:
+    """Train one variant with one seed; its row of the report (and its heatmap, for the first MoE run)."""
+    result = train_variant(Variant(variant.name, [*variant.overrides, f"seed={seed}"]), base, run_dir, group)
+    row = {"variant": variant.name, "seed": seed, **result}
+    row["train_gflops_per_token"] = flops_per_token(run_config.model)["train_flops_per_token"] / 1e9
+    heatmap = out_dir / f"usage_{variant.name}.png"
+    if result["status"] == "ok" and run_config.model.use_moe and not heatmap.exists():
+        usage_heatmap(run_dir, run_config, heatmap)
+    return row
+
+
 def usage_heatmap(run_dir: Path, run: RunConfig, out_path: Path) -> None:
     """Route a few validation windows through the best checkpoint and draw layer x expert shares."""
     model = load_model(run_dir / "checkpoints" / "best.ckpt")
@@ -141,6 +157,8 @@ def usage_heatmap(run_dir: Path, run: RunConfig, out_path: Path) -> None:
 
 
 def plot_curves(rows: list[dict], out_dir: Path) -> None:
+    """Val loss against tokens and against time: one line per variant, the mean over its seeds, with a
+    band from the lowest to the highest seed when there are several."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,18 +166,38 @@ def plot_curves(rows: list[dict], out_dir: Path) -> None:
 
     for x_key, label, filename in (
         ("tokens", "training tokens", "val_loss_vs_tokens.png"),
-        ("seconds", "wall-clock seconds", "val_loss_vs_time.png"),
+        ("seconds", "training seconds", "val_loss_vs_time.png"),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for row in rows:
-            history = row.get("val_history", [])
-            ax.plot([h[x_key] for h in history], [h["val_loss"] for h in history], marker="o", label=row["variant"])
+        for variant, histories in histories_by_variant(rows).items():
+            x, mean, low, high = curve_over_seeds(histories, x_key)
+            ax.plot(
+                x, mean, marker="o", label=variant if len(histories) == 1 else f"{variant} ({len(histories)} seeds)"
+            )
+            if len(histories) > 1:
+                ax.fill_between(x, low, high, alpha=0.2)
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.savefig(out_dir / filename, bbox_inches="tight", dpi=100)
         plt.close(fig)
+
+
+def histories_by_variant(rows: list[dict]) -> dict[str, list[list[dict]]]:
+    grouped: dict[str, list[list[dict]]] = {}
+    for row in rows:
+        if row["status"] == "ok" and row.get("val_history"):
+            grouped.setdefault(row["variant"], []).append(row["val_history"])
+    return grouped
+
+
+def curve_over_seeds(histories: list[list[dict]], x_key: str) -> tuple[list[float], ...]:
+    """Point i of every seed's history (the same validation step): mean x, and mean, min and max loss."""
+    points = min(len(history) for history in histories)
+    x = [statistics.fmean(history[i][x_key] for history in histories) for i in range(points)]
+    losses = [[history[i]["val_loss"] for history in histories] for i in range(points)]
+    return x, [statistics.fmean(v) for v in losses], [min(v) for v in losses], [max(v) for v in losses]
 
 
 TABLE_COLUMNS = [
@@ -182,31 +220,85 @@ def table_row(row: dict) -> list[str]:
     return [fmt.format(scaled[key]) for key, _, fmt in TABLE_COLUMNS]
 
 
-def write_report(rows: list[dict], out_dir: Path, command: str, match: str) -> str:
-    header = [title for _, title, _ in TABLE_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(table_row(row)) + " |" for row in rows]
-    table = "\n".join(lines)
+def write_report(rows: list[dict], out_dir: Path, command: str, match: str, seeds: list[int]) -> str:
+    table = aggregated_table(rows) if len(seeds) > 1 else run_table(rows)
     rule = (
         "each expert is 4*n_embd/(top_k + shared experts) wide, so the experts a token uses hold as many parameters "
         "as the dense FFN"
         if match == "active"
         else "none: experts keep the configured width"
     )
-    heatmaps = "\n".join(f"![{r['variant']}](usage_{r['variant']}.png)" for r in rows if r.get("model") == "moe")
+    verdicts = "\n".join(f"- {sentence}" for sentence in verdict_sentences(rows))
+    heatmaps = "\n".join(f"![{name}](usage_{name}.png)" for name in moe_variants_with_heatmaps(out_dir, rows))
     report = (
-        f"# Dense vs MoE\n\nCommand: `{command}`\n\nActive-parameter matching: {rule}. Same data, token budget and seed "
-        f"for every variant; val loss is pure cross-entropy on the held-out split.\n\n{table}\n\n"
+        f"# Dense vs MoE\n\nCommand: `{command}`\n\nActive-parameter matching: {rule}. Same data, token budget and "
+        f"seeds ({', '.join(map(str, seeds))}) for every variant; val loss is pure cross-entropy on the held-out split."
+        f"\n\n{table}\n\nVerdict (val loss against the first variant, paired by seed):\n\n{verdicts}\n\n"
         "![val loss vs tokens](val_loss_vs_tokens.png) ![val loss vs time](val_loss_vs_time.png)\n\n"
         f"Expert usage (share of token-slots per layer and expert, best checkpoint, validation text):\n\n{heatmaps}\n"
     )
     (out_dir / "report.md").write_text(report)
     with open(out_dir / "report.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["status"] + [key for key, _, _ in TABLE_COLUMNS])
+        writer.writerow(["status", "seed"] + [key for key, _, _ in TABLE_COLUMNS])
         for row in rows:
-            writer.writerow([row["status"]] + [row.get(key, "") for key, _, _ in TABLE_COLUMNS])
-    return table
+            writer.writerow([row["status"], row["seed"]] + [row.get(key, "") for key, _, _ in TABLE_COLUMNS])
+    return f"{table}\n\n{verdicts}"
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
+def run_table(rows: list[dict]) -> str:
+    return markdown_table([title for _, title, _ in TABLE_COLUMNS], [table_row(row) for row in rows])
+
+
+def aggregated_table(rows: list[dict]) -> str:
+    """One line per variant: val loss as mean ± std over its seeds, the other columns as means."""
+    header = ["variant", "seeds ok", "active params (M)", "val loss (mean ± std)", "val ppl (mean)", "tokens/s (mean)"]
+    body = []
+    for variant in dict.fromkeys(row["variant"] for row in rows):
+        runs = [row for row in rows if row["variant"] == variant]
+        ok = [row for row in runs if row["status"] == "ok"]
+        if not ok:
+            body.append([variant, f"0/{len(runs)}", "", f"failed: {runs[0]['reason']}", "", ""])
+            continue
+        loss = spread([row["val_loss"] for row in ok])
+        std = "" if loss.std is None else f" ± {loss.std:.4f}"
+        body.append(
+            [
+                variant,
+                f"{len(ok)}/{len(runs)}",
+                f"{ok[0]['params_active'] / 1e6:.2f}",
+                f"{loss.mean:.4f}{std}",
+                f"{statistics.fmean(row['val_ppl'] for row in ok):.2f}",
+                f"{statistics.fmean(row['tokens_per_sec'] for row in ok):.0f}",
+            ]
+        )
+    return markdown_table(header, body)
+
+
+def verdict_sentences(rows: list[dict]) -> list[str]:
+    """Each variant against the first, over the seeds where both finished."""
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    losses = {(row["variant"], row["seed"]): row["val_loss"] for row in rows if row["status"] == "ok"}
+    sentences = []
+    for candidate in variants[1:]:
+        seeds = [seed for (name, seed) in losses if name == candidate and (variants[0], seed) in losses]
+        if not seeds:
+            sentences.append(f"{candidate} vs {variants[0]}: no seed where both finished")
+            continue
+        difference = paired_difference(
+            [losses[candidate, seed] for seed in seeds], [losses[variants[0], seed] for seed in seeds]
+        )
+        sentences.append(verdict(candidate, variants[0], difference))
+    return sentences
+
+
+def moe_variants_with_heatmaps(out_dir: Path, rows: list[dict]) -> list[str]:
+    return [name for name in dict.fromkeys(row["variant"] for row in rows) if (out_dir / f"usage_{name}.png").is_file()]
 
 
 def main() -> None:
@@ -215,6 +307,7 @@ def main() -> None:
     parser.add_argument("--variants", default="dense,moe:4:1,moe:8:2", help="comma-separated variants")
     parser.add_argument("--match", choices=["active", "none"], default="active")
     parser.add_argument("--out", default=None, help="report directory (default: outputs/compare/compare-<date_time>)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per variant (seed, seed+1, ...); 3+ for a verdict")
     args = parser.parse_args()
     reuse_freed_cpu_memory()
     try:
@@ -239,20 +332,22 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--variants {args.variants} lists a variant twice; give each once (runs would share a directory)"
         )
+    if args.seeds < 1:
+        raise ConfigError(
+            f"--seeds {args.seeds} must be at least 1 (3 or more give a confidence interval worth reading)"
+        )
     configs = {v.name: compose_run_config(base + v.overrides) for v in variants}
+    first_seed = configs[variants[0].name].seed
+    seeds = [first_seed + i for i in range(args.seeds)]
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for variant in variants:
-        run_config = configs[variant.name]
-        result = train_variant(variant, base, out_dir / variant.name, group=name)
-        row = {"variant": variant.name, **result}
-        row["train_gflops_per_token"] = flops_per_token(run_config.model)["train_flops_per_token"] / 1e9
-        if result["status"] == "ok" and run_config.model.use_moe:
-            usage_heatmap(out_dir / variant.name, run_config, out_dir / f"usage_{variant.name}.png")
-        rows.append(row)
-    plot_curves([r for r in rows if r["status"] == "ok"], out_dir)
+        for seed in seeds:
+            run_dir = out_dir / variant.name if len(seeds) == 1 else out_dir / variant.name / f"seed-{seed}"
+            rows.append(run_variant(variant, seed, base, run_dir, configs[variant.name], out_dir, group=name))
+    plot_curves(rows, out_dir)
     command = "python scripts/compare.py " + " ".join(sys.argv[1:])
-    print(write_report(rows, out_dir, command.strip(), args.match))
+    print(write_report(rows, out_dir, command.strip(), args.match, seeds))
     print(f"[compare] report: {out_dir / 'report.md'}")
 
 

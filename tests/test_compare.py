@@ -126,6 +126,42 @@ def test_a_variant_that_diverges_is_reported_with_the_reason_train_py_recorded(t
     assert recorded.startswith("training diverged") and f"failed: {recorded}" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
+def test_a_comparison_over_seeds_reports_means_and_a_verdict_with_a_confidence_interval(tmp_path, corpus_overrides):
+    out = tmp_path / "report"
+    command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), "--variants", "dense,moe:4:2"]
+    result = subprocess.run(
+        command + ["--seeds", "2"] + TINY + corpus_overrides + ["logger=none", "seed=7"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [(r["variant"], r["seed"], r["status"]) for r in rows] == [
+        ("dense", "7", "ok"),
+        ("dense", "8", "ok"),
+        ("moe-4-2", "7", "ok"),
+        ("moe-4-2", "8", "ok"),
+    ]
+    assert rows[0]["val_loss"] != rows[1]["val_loss"]  # the seeds really differ
+    for seed in (7, 8):
+        assert f"seed={seed}" in (out / "moe-4-2" / f"seed-{seed}" / ".hydra" / "overrides.yaml").read_text()
+    report = (out / "report.md").read_text()
+    assert "| dense | 2/2 |" in report and "val loss (mean ± std)" in report
+    assert "95% CI" in report and "2 seeds" in report
+    assert (out / "val_loss_vs_tokens.png").is_file() and (out / "usage_moe-4-2.png").is_file()
+
+
+def test_zero_seeds_is_a_one_line_error(tmp_path):
+    command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(tmp_path / "r"), "--seeds", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --seeds 0 must be at least 1 (3 or more give a confidence interval worth reading)"
+    ]
+    assert not (tmp_path / "r").exists()
+
+
 def test_comparison_refuses_a_non_empty_output_directory(tmp_path):
     (tmp_path / "report.md").write_text("an earlier report")
     result = subprocess.run(

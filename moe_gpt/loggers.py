@@ -18,18 +18,20 @@ def build_loggers(
 ) -> list[Logger]:
     """The configured logger; when resuming, it continues the run's W&B run and CSV log."""
     if cfg.kind == "wandb":
-        return [
-            WandbLogger(
-                project=cfg.project,
-                name=run_name,
-                group=cfg.group,
-                save_dir=str(run_dir),
-                offline=cfg.mode == "offline",
-                config=config,
-                id=wandb_id,  # the same id on resume: W&B continues the run instead of opening a second one
-                resume="allow",
-            )
-        ]
+        logger = WandbLogger(
+            project=cfg.project,
+            name=run_name,
+            group=cfg.group,
+            save_dir=str(run_dir),
+            offline=cfg.mode == "offline",
+            config=config,
+            id=wandb_id,  # the same id on resume: W&B continues the run instead of opening a second one
+            resume="allow",
+        )
+        # Lightning 2.6 always passes anonymous=None to wandb.init, and wandb 0.31 warns on every run that
+        # the setting has no effect; leaving it out changes nothing else.
+        logger._wandb_init.pop("anonymous", None)
+        return [logger]
     if cfg.kind == "csv":
         return [ContinuingCSVLogger(run_dir, resumed_step)]
     return []

@@ -102,7 +102,7 @@ def _train_in_claimed_dir(cfg: RunConfig, record: RunRecord, resume: Optional[Re
     warn_if_world_size_changed(resume, trainer)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
-        val_loss = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
+        val_loss = final_validation_loss(trainer, module, datamodule)
     finally:
         if any(isinstance(logger, WandbLogger) for logger in loggers):
             import wandb
@@ -119,6 +119,17 @@ def _train_in_claimed_dir(cfg: RunConfig, record: RunRecord, resume: Optional[Re
         (run_dir / SUMMARY_FILE).write_text(summary + "\n")
         print(summary, flush=True)
     return metrics
+
+
+def final_validation_loss(trainer: L.Trainer, module: GPTLightningModule, datamodule: TokenDataModule) -> float:
+    """The val loss at the last step: the fit's own validation when one ran there, else one more pass.
+
+    (Every process takes the same branch: each keeps the same val_history.)
+    """
+    last = module.val_history[-1] if module.val_history else None
+    if last is not None and last["step"] == trainer.global_step:
+        return last["val_loss"]
+    return trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
 
 
 def log_run_warnings(cfg: RunConfig, resume: Optional[Resume]) -> None:

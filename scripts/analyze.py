@@ -24,7 +24,7 @@ from moe_gpt.analysis import (
 )
 from moe_gpt.checkpoints import load_model
 from moe_gpt.compose import compose_run_config
-from moe_gpt.config import ConfigError, config_warnings
+from moe_gpt.config import ConfigError, config_warnings, project_path
 from moe_gpt.data import DataError, load_gpt2_tokenizer
 from moe_gpt.intermediate import to_jsonable
 from moe_gpt.outcomes import EXIT_BAD_INPUT, one_line
@@ -38,7 +38,11 @@ def analyze_config(args: argparse.Namespace) -> None:
         "model": "moe" if run.model.use_moe else "dense",
         **parameter_counts(run.model),
         **flops_per_token(run.model),
-        "memory_estimate": {"batch_size": batch_size, "precision": run.trainer.precision, **memory_estimate(run.model, batch_size, run.trainer.precision)},
+        "memory_estimate": {
+            "batch_size": batch_size,
+            "precision": run.trainer.precision,
+            **memory_estimate(run.model, batch_size, run.trainer.precision),
+        },
         "warnings": config_warnings(run.model),
         "advice": recommended_settings(run.model),
     }
@@ -52,7 +56,7 @@ def analyze_routing(args: argparse.Namespace) -> None:
     model = load_model(args.checkpoint)
     if not model.moe_layers():
         raise ConfigError(f"{args.checkpoint} is a dense model: it has no routing to report")
-    ids = load_gpt2_tokenizer(args.tokenizer_dir).encode_ordinary(text)[: model.config.block_size]
+    ids = load_gpt2_tokenizer(project_path(args.tokenizer_dir)).encode_ordinary(text)[: model.config.block_size]
     report = routing_report(model, torch.tensor([ids]), include_intermediate=args.intermediate)
     print(json.dumps(to_jsonable(report), indent=2))
 
@@ -68,7 +72,7 @@ def main() -> None:
     routing.add_argument("--checkpoint", required=True)
     routing.add_argument("--text", default=None)
     routing.add_argument("--text-file", default=None)
-    routing.add_argument("--tokenizer-dir", default="data/tokenizer")
+    routing.add_argument("--tokenizer-dir", default="data/tokenizer", help="relative paths count from the project root")
     routing.add_argument("--intermediate", action="store_true", help="include the full intermediate data")
     routing.set_defaults(run=analyze_routing)
     args = parser.parse_args()

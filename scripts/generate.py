@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from moe_gpt.checkpoints import load_model
-from moe_gpt.config import ConfigError
+from moe_gpt.config import ConfigError, project_path
 from moe_gpt.data import DataError, load_gpt2_tokenizer
 from moe_gpt.data.tokenizer import ENDOFTEXT, GPT2_N_VOCAB
 from moe_gpt.generate import check_sampling_arguments, generate
@@ -32,12 +32,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to add to each sample")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; below 1 = more conservative")
     parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="sample only among the most likely tokens summing to p")
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="sample only among the most likely tokens summing to p"
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: random)")
     parser.add_argument("--num-samples", type=int, default=1, help="samples drawn, as one batch")
-    parser.add_argument("--no-cache", action="store_true", help="recompute every position each step (slower; for checks)")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="recompute every position each step (slower; for checks)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
-    parser.add_argument("--tokenizer-dir", default="data/tokenizer", help="folder with gpt2.tiktoken")
+    parser.add_argument(
+        "--tokenizer-dir", default="data/tokenizer", help="folder with gpt2.tiktoken (relative: to the project root)"
+    )
     return parser.parse_args(argv)
 
 
@@ -57,7 +63,7 @@ def sample_texts(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--num-samples {args.num_samples} must be >= 1")
     check_sampling_arguments(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before slow loading
     device = resolve_device(args.device)
-    tokenizer = load_gpt2_tokenizer(args.tokenizer_dir)
+    tokenizer = load_gpt2_tokenizer(project_path(args.tokenizer_dir))  # as train.py resolves data.tokenizer_dir
     model = load_model(args.checkpoint, map_location=str(device))
     if model.config.vocab_size != GPT2_N_VOCAB:
         raise ConfigError(

@@ -66,3 +66,14 @@ def test_summary_names_every_logger_and_formats_missing_values():
     assert "wandb sync /runs/a/wandb/offline-run-*" in text
     assert "/runs/a/csv/metrics.csv" in summary_text(metrics, Path("/runs/a"), "csv")
     assert all(len(line) <= 120 for line in text.splitlines())
+
+
+@pytest.mark.parametrize("max_steps,extra_pass", [(6, False), (7, True)])
+def test_the_final_val_loss_reuses_a_validation_at_the_last_step(tmp_path, corpus_overrides, max_steps, extra_pass):
+    """TINY validates every 3 steps: at step 6 the fit's own validation is the final one; at 7 one more pass runs."""
+    metrics = train_in_process(TINY + corpus_overrides + ["logger=csv", f"trainer.max_steps={max_steps}"], tmp_path)
+    logged = csv_column(tmp_path, "val/loss")
+    assert len(logged) == len(metrics["val_history"]) + extra_pass
+    assert metrics["val_loss"] == pytest.approx(logged[-1][1])
+    if not extra_pass:
+        assert metrics["val_loss"] == metrics["val_history"][-1]["val_loss"]

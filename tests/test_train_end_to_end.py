@@ -46,6 +46,7 @@ def test_moe_run_from_the_cli_writes_metrics_checkpoints_and_an_offline_wandb_ru
     assert result.stderr.count("Seed set to 1337") == 1
     assert "Seed set to 1337" in (run_dir / "train.log").read_text()
     assert "💡" not in result.stderr + result.stdout
+    assert "anonymous setting" not in result.stderr + result.stdout  # wandb's warning about Lightning's default
     assert "Total FLOPs" in result.stdout and "Total FLOPs: 0" not in result.stdout
 
 

@@ -74,7 +74,7 @@ def uses_grouped_mm(impl: str, weight: Tensor) -> bool:
     return impl == "grouped_mm"
 
 
-def _row_blocks(offsets_E: Tensor) -> list[tuple[int, int, int]]:
+def row_blocks(offsets_E: Tensor) -> list[tuple[int, int, int]]:
     """(expert, first row, end row) of every expert with rows; reads the offsets on the host."""
     ends = offsets_E.tolist()
     return [(e, start, end) for e, (start, end) in enumerate(zip([0] + ends[:-1], ends)) if end > start]
@@ -113,7 +113,7 @@ def _forward_blocked(x, tokens, weight, offsets, w1, b1, w2, every_row_computed,
     h = torch.empty(x_rows.shape[0], w1.shape[1], dtype=w1.dtype, device=x.device)
     a, y = torch.empty_like(h), _rows_buffer(x_rows, w2.shape[1], every_row_computed)
     scale_outputs = _outputs_are_narrower(w1, w2)
-    for e, start, end in _row_blocks(offsets):
+    for e, start, end in row_blocks(offsets):
         rows = slice(start, end)
         if b1 is None:
             torch.mm(x_rows[rows], w1[e].t(), out=h[rows])
@@ -182,7 +182,7 @@ def _backward_blocked(g, x, tokens, weight, offsets, w1, w2, h, a, every_row_com
     g_rows, x_rows = g.index_select(0, tokens).to(w2.dtype), x.index_select(0, tokens).to(w1.dtype)
     dx_rows, grad_weight = _rows_buffer(x_rows, x_rows.shape[1], every_row_computed), weight.new_zeros(weight.shape)
     grad_w1, grad_w2, grad_b1 = torch.empty_like(w1), torch.empty_like(w2), w1.new_empty(w1.shape[:2])
-    blocks = _row_blocks(offsets)
+    blocks = row_blocks(offsets)
     for e in set(range(w1.shape[0])) - {e for e, _, _ in blocks}:  # experts without rows: no gradient
         grad_w1[e], grad_w2[e], grad_b1[e] = 0, 0, 0
     scale_outputs = _outputs_are_narrower(w1, w2)

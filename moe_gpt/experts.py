@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_gpt.dispatch import Dispatch
-from moe_gpt.expert_kernels import ACTIVATIONS, moe_ffn
+from moe_gpt.expert_kernels import ACTIVATIONS, moe_ffn, row_blocks
 
 
 class FeedForward(nn.Module):
@@ -45,12 +45,11 @@ class Experts(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.impl = impl  # auto | grouped_mm | blocked (moe_gpt/expert_kernels.py) | loop (the reference)
-        self.activation_name = activation
+        self.activation_name = activation  # the fused operator takes the name; expert_forward looks it up
         self.c_fc_weight = nn.Parameter(torch.empty(num_experts, hidden, n_embd))
         self.c_proj_weight = nn.Parameter(torch.empty(num_experts, n_embd, hidden))
         self.c_fc_bias = nn.Parameter(torch.zeros(num_experts, hidden)) if bias else None
         self.c_proj_bias = nn.Parameter(torch.zeros(num_experts, n_embd)) if bias else None
-        self.activation = ACTIVATIONS[activation]
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
@@ -81,14 +80,15 @@ class Experts(nn.Module):
         """Run one expert on the tokens it was given."""
         b_fc = None if self.c_fc_bias is None else self.c_fc_bias[expert]
         b_proj = None if self.c_proj_bias is None else self.c_proj_bias[expert]
-        h_NH = self.activation(F.linear(x_ND, self.c_fc_weight[expert], b_fc))
+        h_NH = ACTIVATIONS[self.activation_name](F.linear(x_ND, self.c_fc_weight[expert], b_fc))
         return F.linear(h_NH, self.c_proj_weight[expert], b_proj)
 
     def per_expert_forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
         """The reference path: one matmul pair per expert on its rows (reads the offsets on the host)."""
-        ends = dispatch.offsets_E.tolist()
+        blocks = row_blocks(dispatch.offsets_E)
         x_SD = x_TD[dispatch.token_of_row_S]
-        outputs = [self.expert_forward(e, x_SD[start:end]) for e, (start, end) in enumerate(zip([0] + ends[:-1], ends))]
-        y_SD = torch.cat([*outputs, x_SD.new_zeros(x_SD.shape[0] - ends[-1], x_SD.shape[1])])
+        outputs = [self.expert_forward(e, x_SD[start:end]) for e, start, end in blocks]
+        computed = blocks[-1][2] if blocks else 0  # rows past the last expert's are not computed
+        y_SD = torch.cat([*outputs, x_SD.new_zeros(x_SD.shape[0] - computed, x_SD.shape[1])])
         weighted_SD = (y_SD.float() * dispatch.weight_of_row_S.unsqueeze(-1)).to(x_TD.dtype)
         return self.dropout(torch.zeros_like(x_TD).index_add_(0, dispatch.token_of_row_S, weighted_SD))

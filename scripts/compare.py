@@ -97,10 +97,9 @@ def _variant_setting(spec: str, part: str) -> tuple[str, str]:
             )
         return "activation", part
     key, value = part.split("=", 1)
-    if key not in MOE_KEYS or key in ("num_experts", "top_k"):
-        raise ConfigError(
-            f"variant {spec!r}: {key!r} is not a model.moe key to set here; the keys: {', '.join(sorted(MOE_KEYS))}"
-        )
+    settable = sorted(MOE_KEYS - {"num_experts", "top_k"})  # those two are E and K of moe:E:K
+    if key not in settable:
+        raise ConfigError(f"variant {spec!r}: {key!r} is not a model.moe key to set here; the keys: {', '.join(settable)}")
     if key == "num_shared_experts" and not value.isdigit():
         raise ConfigError(f"variant {spec!r}: num_shared_experts={value} must be a whole number")
     return key, value

@@ -5,6 +5,10 @@ Hydra merges the YAML presets in ``configs/`` and the command line into these sc
 that names the key. ``__post_init__`` checks values as soon as a config object is built,
 before any data is read or any weight is allocated; each message names the command-line
 key to change.
+
+The defaults here are the only ones, and they are the default run (``python train.py`` with no
+arguments): each YAML option sets just the keys where it differs from them, so the two cannot
+disagree (``tests/test_config.py`` checks both).
 """
 
 from __future__ import annotations
@@ -145,17 +149,21 @@ class MoEConfig:
 
 @dataclass
 class GPTConfig:
-    """A GPT-2 whose blocks use a dense MLP or, with ``use_moe``, an MoE layer."""
+    """A GPT-2 whose blocks use a dense MLP or, with ``use_moe``, an MoE layer.
 
-    block_size: int = 256  # context length in tokens
+    The defaults are the default run's model: ``model=moe`` at ``model/size=mini``, a CPU-sized
+    GPT-2 that trains visibly in minutes on 2 cores (most of its compute is the output layer).
+    """
+
+    block_size: int = 128  # context length in tokens
     vocab_size: int = 50257  # GPT-2 BPE; padded up to a multiple of 64 inside the model
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 256
-    dropout: float = 0.0
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads; must divide n_embd
+    n_embd: int = 128  # model width
+    dropout: float = 0.0  # on attention weights, residual branches and embeddings; 0: short runs do not overfit
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
-    use_moe: bool = False  # False: dense GPT-2 MLP in every block
-    moe: MoEConfig = field(default_factory=MoEConfig)
+    use_moe: bool = True  # MoE layers as the FFNs (model=moe); False: the dense GPT-2 MLP in every block (model=dense)
+    moe: MoEConfig = field(default_factory=MoEConfig)  # the MoE layers' settings, used when use_moe
     # Tokens per chunk when the training loss runs the output layer and cross-entropy together
     # (moe_gpt/lm_loss.py), never holding the full (tokens x vocabulary) logits; 0: the plain path.
     loss_chunk_size: int = 512
@@ -255,7 +263,7 @@ class DataConfig:
     encoding_errors: str = "strict"  # undecodable bytes in local files: strict (error) | replace (count logged)
     cache_dir: str = "data/tokens"  # token arrays, keyed by corpus and tokenizer (relative: to the project root)
     tokenizer_dir: str = "data/tokenizer"  # offline GPT-2 BPE ranks, from scripts/fetch_tokenizer.py (same)
-    batch_size: int = 16
+    batch_size: int = 16  # sequences per batch, per process
     num_workers: int = 0  # DataLoader workers; reading a memory map is cheap, 0 is usually fastest
 
     def __post_init__(self) -> None:
@@ -291,13 +299,13 @@ class DataConfig:
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
 
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    min_lr_ratio: float = 0.1  # the cosine decay ends at min_lr_ratio * lr at trainer.max_steps
     weight_decay: float = 0.1  # applied to matrices (linear and embedding weights); biases and norms never decay
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 50
+    beta1: float = 0.9  # AdamW's decay rate of the gradient mean
+    beta2: float = 0.95  # AdamW's decay rate of the squared-gradient mean
+    eps: float = 1e-8  # AdamW's denominator term, against division by ~0
+    warmup_steps: int = 50  # optimizer steps of linear warmup from lr / warmup_steps to lr
 
     def __post_init__(self) -> None:
         _require(math.isfinite(self.lr) and self.lr > 0, f"optim.lr={self.lr} must be a finite positive number")
@@ -314,20 +322,23 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    """Passed as keyword arguments to ``lightning.Trainer``; the names are Lightning's."""
+    """Passed as keyword arguments to ``lightning.Trainer``; the names are Lightning's.
 
-    accelerator: str = "auto"  # auto | cpu | gpu | mps
-    devices: Any = "auto"  # devices per node: a number, a list of ids, -1 (all) or auto
+    The defaults are ``trainer=cpu``: one CPU process, sized so the default run takes minutes on 2 cores.
+    """
+
+    accelerator: str = "cpu"  # cpu | gpu | mps | auto
+    devices: Any = 1  # devices per node: a number, a list of ids, -1 (all) or auto; DDP when more than 1
     num_nodes: int = 1  # machines; each runs `devices` processes
     strategy: str = "auto"  # Lightning's names: auto | ddp | fsdp | deepspeed | ...
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true | 64-true ...
-    max_steps: int = 600  # optimizer steps
-    val_check_interval: int = 100  # validate every N training batches
-    limit_val_batches: int = 20  # batches per validation
-    gradient_clip_val: float = 1.0
-    accumulate_grad_batches: int = 1
-    log_every_n_steps: int = 10
-    deterministic: bool = False
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true | 64-true ...; bf16 is slow on most CPUs
+    max_steps: int = 250  # optimizer steps
+    val_check_interval: int = 50  # validate every N training batches
+    limit_val_batches: int = 10  # batches per validation
+    gradient_clip_val: float = 1.0  # clip the global gradient norm to this
+    accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimizer step
+    log_every_n_steps: int = 5  # training metrics are logged every N steps
+    deterministic: bool = False  # deterministic torch algorithms only (reproducible, slower)
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -382,11 +393,11 @@ class LoggerConfig:
     """Where metrics go: W&B (offline unless asked), CSV, or nowhere."""
 
     kind: str = "wandb"  # wandb | csv | none
-    project: str = "moe-gpt"
-    mode: str = "offline"  # offline (no account needed; `wandb sync` later) | online
+    project: str = "moe-gpt"  # W&B project
+    mode: str = "offline"  # offline (no account needed; `wandb sync` later) | online (needs `wandb login`)
     group: Optional[str] = None  # W&B group, e.g. one sweep or comparison
-    expert_stats_every_n_steps: int = 25  # per-layer expert usage, entropy, max-load violation
-    heatmap_every_n_steps: int = 200  # layer x expert usage image (W&B only)
+    expert_stats_every_n_steps: int = 10  # per-layer expert usage, entropy, max-load violation
+    heatmap_every_n_steps: int = 50  # layer x expert usage image (W&B only)
 
     def __post_init__(self) -> None:
         _require(
@@ -402,18 +413,36 @@ class LoggerConfig:
 
 
 @dataclass
+class CompareConfig:
+    """What ``scripts/compare.py`` compares (its flags override these); ``train.py`` ignores them."""
+
+    variants: list[str] = field(default_factory=lambda: ["dense", "moe:4:1", "moe:8:2"])  # dense | moe:E:K[:...]
+    seeds: int = 1  # runs per variant and budget, seeds seed, seed+1, ...; 3 or more for a confidence interval
+    budgets: list[str] = field(default_factory=lambda: ["tokens"])  # tokens (equal steps) | time=<minutes>
+    match: str = "active"  # active | total | none: expert width matched on active or total parameters
+    eval_data: Optional[str] = None  # a data option or local file/folder every best checkpoint is evaluated on
+
+    def __post_init__(self) -> None:
+        _require(
+            self.seeds >= 1,
+            f"compare.seeds={self.seeds} (--seeds) must be at least 1; 3 or more give a confidence interval worth reading",
+        )
+
+
+@dataclass
 class RunConfig:
     """The whole run: what ``train.py`` receives after Hydra composed it."""
 
-    model: GPTConfig = field(default_factory=GPTConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    seed: int = 1337
-    run_dir: str = "outputs/run"  # set by Hydra to its job directory
-    resume: Optional[str] = None  # checkpoint path, or "last" for <run_dir>/checkpoints/last.ckpt
+    model: GPTConfig = field(default_factory=GPTConfig)  # model=moe|dense and model/size=mini|gpt2_small
+    data: DataConfig = field(default_factory=DataConfig)  # data=stdlib|text|shakespeare|...
+    optim: OptimConfig = field(default_factory=OptimConfig)  # no preset group: optim.* on the command line
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # trainer=cpu|gpu
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # logger=wandb|csv|none
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoint=default
+    compare: CompareConfig = field(default_factory=CompareConfig)  # scripts/compare.py; set by experiment presets
+    seed: int = 1337  # seeds Python, NumPy and torch, and the data shuffling
+    run_dir: str = "outputs/run"  # set by Hydra to its job directory (configs/config.yaml)
+    resume: Optional[str] = None  # checkpoint path, or "last" for <run_dir>/checkpoints/last.ckpt (set hydra.run.dir)
     compile: bool = False  # torch.compile the model (GPU; slow to start on CPU)
     init_from: Optional[str] = None  # start from a .ckpt or an HF GPT-2 dir/hub name (dense -> MoE: upcycled)
 

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
 from moe_gpt.moe import MoELayer
+from moe_gpt.reporting import png_bytes
 
 
 def usage_counters(layer: MoELayer) -> Tensor:
@@ -43,22 +44,15 @@ def stats_from_counters(counters: Tensor) -> dict[str, float | list[float]]:
 
 def usage_heatmap_png(shares: list[list[float]]) -> bytes:
     """A layer x expert image of token shares, as PNG bytes."""
-    import matplotlib
 
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
+    def draw(ax) -> None:
+        image = ax.imshow(shares, cmap="viridis", vmin=0.0, aspect="auto")
+        ax.set_xticks(range(len(shares[0])))
+        ax.set_yticks(range(len(shares)))
+        ax.figure.colorbar(image, ax=ax, label="share of token-slots")
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(shares[0]), 1.0 + 0.45 * len(shares)))
-    image = ax.imshow(shares, cmap="viridis", vmin=0.0, aspect="auto")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_xticks(range(len(shares[0])))
-    ax.set_yticks(range(len(shares)))
-    fig.colorbar(image, ax=ax, label="share of token-slots")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    size = (1.2 + 0.45 * len(shares[0]), 1.0 + 0.45 * len(shares))
+    return png_bytes(draw, "expert", "MoE layer", size, grid=False)
 
 
 LAYER_METRICS = (

@@ -105,7 +105,7 @@ def gpt_config_from_hf(hf_config: Any, source: str) -> GPTConfig:
             f"{source}: n_inner={hf_config.n_inner} is not supported; the MLP width must be 4*n_embd={4 * hf_config.n_embd}"
         )
     sizes = {ours: getattr(hf_config, theirs) for ours, theirs in SIZE_NAMES.items()}
-    return GPTConfig(**sizes, dropout=0.0, bias=True)  # GPT-2 always has biases
+    return GPTConfig(**sizes, dropout=0.0, bias=True, use_moe=False)  # GPT-2 is dense and always has biases
 
 
 def state_dict_from_hf(hf_state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:

@@ -56,15 +56,18 @@ class GPTLightningModule(L.LightningModule):
 
     @property
     def train_seconds(self) -> float:
-        """Training wall time of this run so far, earlier sessions included."""
-        return self._seconds_before_this_fit + time.perf_counter() - self._fit_started
+        """Seconds this run has spent training so far, earlier sessions included, validation excluded
+        (the x axis of loss-against-time curves and what a time budget counts)."""
+        return self._seconds_before_this_fit + self.session_training_seconds
 
     @property
     def session_training_seconds(self) -> float:
         """Seconds this session spent training: from the start of training to its end, without its
-        validations (and without the setup and sanity check before it)."""
-        end = self._training_ended if self._training_ended is not None else time.perf_counter()
-        return end - self._fit_started - self._validation_seconds
+        validations, the one running now included (and without the setup and sanity check before it)."""
+        now = time.perf_counter()
+        end = self._training_ended if self._training_ended is not None else now
+        validating = now - self._validation_started if self._validation_started is not None else 0.0
+        return end - self._fit_started - self._validation_seconds - validating
 
     def on_train_end(self) -> None:
         self._training_ended = time.perf_counter()  # later work (a final validate()) is not training

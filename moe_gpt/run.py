@@ -205,7 +205,7 @@ def summarize(
         "params_total": module.model.num_parameters(),
         "params_active": module.model.num_active_parameters(),
         "tokens_per_sec": tokens_per_sec,
-        "train_seconds": training_seconds,
+        "train_seconds": module.train_seconds,  # all sessions, validation excluded
         "mfu": model_flops_utilization(module.train_flops_per_token * tokens_per_sec, trainer, cfg.trainer.precision),
         "wall_time_s": wall_seconds,
         "peak_memory_mb": peak_memory_mb(),

@@ -49,25 +49,31 @@ def has_checkpoints(run_dir: Path) -> bool:
 
 @contextmanager
 def claimed(run_dir: Path, resuming: bool) -> Iterator[None]:
-    """Hold ``run_dir`` for this run: refuse another run's checkpoints, and lock out a second live run.
-
-    The lock is an ``flock`` on ``run_dir/.lock``: the kernel drops it when the process ends, even
-    on kill -9, so a crashed run never leaves the folder locked.
-    """
+    """Hold ``run_dir`` for this run: refuse another run's checkpoints, and lock out a second live run."""
     if not resuming and has_checkpoints(run_dir):
         raise FolderRefused(
             f"{run_dir / 'checkpoints'} already holds checkpoints; pass resume=last to continue that run "
             "or choose another hydra.run.dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    with folder_lock(
+        run_dir,
+        f"another run is training in {run_dir} right now; wait for it to finish or choose another hydra.run.dir",
+    ):
+        yield
+
+
+@contextmanager
+def folder_lock(folder: Path, busy_message: str) -> Iterator[None]:
+    """An ``flock`` on ``folder/.lock`` for as long as the block runs; ``busy_message`` when another
+    process holds it. The kernel drops it when the process ends, even on kill -9, so a crash never
+    leaves the folder locked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FolderRefused(
-                f"another run is training in {run_dir} right now; wait for it to finish or choose another hydra.run.dir"
-            ) from None
+            raise FolderRefused(busy_message) from None
         yield
     finally:
         os.close(descriptor)  # releases the lock
@@ -119,3 +125,24 @@ def record_failure(run_dir: Path, error: BaseException, overrides: list[str], st
         "overrides": overrides,
     }
     write_json(path, record)
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}); was the run killed while writing it?") from None
+
+
+def run_outcome(run_dir: Path) -> dict[str, Any]:
+    """How the run in ``run_dir`` ended, from the records it left: status ``ok`` (with the metrics),
+    ``failed`` or ``interrupted`` (with the reason), or ``incomplete`` (no record: still running,
+    killed or timed out). The newer record wins when an earlier attempt left the other."""
+    recorded = [path for path in (run_dir / "metrics.json", run_dir / "failure.json") if path.is_file()]
+    if not recorded:
+        return {"status": "incomplete", "reason": "no metrics.json or failure.json: still running, killed or timed out"}
+    latest = max(recorded, key=lambda path: path.stat().st_mtime)
+    if latest.name == "failure.json":
+        failure = read_record(latest)
+        return {"status": failure.get("status", "failed"), "reason": f"{failure['error_type']}: {failure['reason']}"}
+    return {"status": "ok", **read_record(latest)}

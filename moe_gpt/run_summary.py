@@ -10,6 +10,8 @@ import shlex
 from pathlib import Path
 from typing import Any, Optional
 
+from moe_gpt.reporting import percent, plot
+
 CURVES_FILE = "curves.png"
 SUMMARY_FILE = "summary.txt"
 
@@ -50,7 +52,7 @@ def _number(value: Optional[float], digits: int = 3, thousands: bool = False) ->
 
 
 def _mfu(value: Optional[float]) -> str:
-    return "n/a (no known peak)" if value is None else f"{100 * value:.1f}%"
+    return percent(value) or "n/a (no known peak)"
 
 
 def _duration(seconds: float) -> str:
@@ -60,17 +62,6 @@ def _duration(seconds: float) -> str:
 
 def write_curves_png(path: Path, train_history: list[dict], val_history: list[dict]) -> None:
     """Training and validation loss against training tokens."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([h["tokens"] for h in train_history], [h["loss"] for h in train_history], label="train (total loss)")
-    ax.plot([h["tokens"] for h in val_history], [h["val_loss"] for h in val_history], "o-", label="validation")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(path, bbox_inches="tight", dpi=100)
-    plt.close(fig)
+    with plot(path, "training tokens", "loss (nats per token)") as ax:
+        ax.plot([h["tokens"] for h in train_history], [h["loss"] for h in train_history], label="train (total loss)")
+        ax.plot([h["tokens"] for h in val_history], [h["val_loss"] for h in val_history], "o-", label="validation")

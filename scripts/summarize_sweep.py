@@ -14,23 +14,34 @@ Writes summary.md, summary.csv, val_ppl_vs_experts.png and tokens_per_sec_vs_exp
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from collections import defaultdict
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 import yaml
 
-METRIC_COLUMNS = ["val_loss", "val_ppl", "params_total", "params_active", "tokens_per_sec", "wall_time_s"]
+from moe_gpt.config import ConfigError
+from moe_gpt.outcomes import EXIT_BAD_INPUT
+from moe_gpt.reporting import cell, markdown_table, plot, write_csv, write_reported
+from moe_gpt.run_dir import run_outcome
+
+METRIC_COLUMNS = ["val_loss", "val_ppl", "params_total", "params_active", "tokens_per_sec", "mfu", "wall_time_s"]
 MODEL_COLUMNS = ["model", "experts", "top_k", "activation"]
 # Swept keys that the model columns already show.
 SHOWN_BY_MODEL_COLUMNS = {"model", "model.moe.num_experts", "model.moe.top_k", "model.moe.activation"}
-CELL_FORMATS = {"val_loss": "{:.4f}", "val_ppl": "{:.1f}", "tokens_per_sec": "{:.0f}", "wall_time_s": "{:.1f}"}
-PLOTS = [("val_ppl", "validation perplexity", "val_ppl_vs_experts.png"), ("tokens_per_sec", "training tokens/s", "tokens_per_sec_vs_experts.png")]
+CELL_FORMATS = {
+    "val_loss": "{:.4f}",
+    "val_ppl": "{:.1f}",
+    "tokens_per_sec": "{:.0f}",  # training only: validation and sanity checks excluded
+    "mfu": "{:.1%}",  # empty where the device's peak is unknown (CPUs)
+    "wall_time_s": "{:.1f}",
+}
+PLOTS = [
+    ("val_ppl", "validation perplexity", "val_ppl_vs_experts.png"),
+    ("tokens_per_sec", "training tokens/s", "tokens_per_sec_vs_experts.png"),
+]
 
 
 class SummaryError(Exception):
@@ -43,26 +54,6 @@ def find_job_dirs(sweep_dir: Path) -> list[Path]:
     if not jobs:
         raise SummaryError(f"no job directories (with .hydra/overrides.yaml) under {sweep_dir}; pass a sweep directory")
     return jobs
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise SummaryError(f"{path} is not valid JSON ({error}); was the job killed while writing it?") from None
-
-
-def job_outcome(job_dir: Path) -> dict[str, Any]:
-    """status ok (with the metrics), failed (with the reason) or incomplete."""
-    recorded = [path for path in (job_dir / "metrics.json", job_dir / "failure.json") if path.is_file()]
-    if not recorded:
-        return {"status": "incomplete", "reason": "no metrics.json or failure.json: still running, killed or timed out"}
-    latest = max(recorded, key=lambda path: path.stat().st_mtime)
-    if latest.name == "failure.json":
-        failure = read_json(latest)
-        # "failed", or "interrupted" for a job stopped by a signal (it can be resumed)
-        return {"status": failure.get("status", "failed"), "reason": f"{failure['error_type']}: {failure['reason']}"}
-    return {"status": "ok", **read_json(latest)}
 
 
 def overrides_by_key(job_dir: Path) -> dict[str, str]:
@@ -95,32 +86,18 @@ def collect_rows(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
     swept = [key for key in varying_keys(overrides) if key not in SHOWN_BY_MODEL_COLUMNS]
     rows = []
     for job_dir, job_overrides in zip(job_dirs, overrides):
-        outcome = job_outcome(job_dir)
+        outcome = run_outcome(job_dir)
         row = {"job": job_number(job_dir), **{key: job_overrides.get(key) for key in swept}, **model_cells(job_dir)}
         row.update({key: outcome.get(key) for key in METRIC_COLUMNS + ["status", "reason"]})
-        row.update(dir=str(job_dir.relative_to(sweep_dir)), overrides=" ".join(f"{k}={v}" for k, v in job_overrides.items()))
+        row.update(
+            dir=str(job_dir.relative_to(sweep_dir)), overrides=" ".join(f"{k}={v}" for k, v in job_overrides.items())
+        )
         rows.append(row)
     return swept, sorted(rows, key=lambda row: row["job"])
 
 
-def cell(column: str, value: Any) -> str:
-    if value is None:
-        return ""
-    text = CELL_FORMATS[column].format(value) if column in CELL_FORMATS else str(value)
-    return text.replace("|", "\\|")  # a literal pipe would split the Markdown cell
-
-
-def markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    lines = [columns, ["---"] * len(columns), *([cell(column, row[column]) for column in columns] for row in rows)]
-    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-
-
-def write_csv(path: Path, *, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    # Unrounded values, plus each job's directory and full override list for scripts.
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*columns, "dir", "overrides"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+def cells(columns: list[str], row: dict[str, Any]) -> list[str]:
+    return [cell(row[column], CELL_FORMATS.get(column, "{}")) for column in columns]
 
 
 def series_label(row: dict[str, Any], swept: list[str]) -> str:
@@ -129,33 +106,22 @@ def series_label(row: dict[str, Any], swept: list[str]) -> str:
 
 def plot_against_experts(rows: list[dict[str, Any]], swept: list[str], metric: str, label: str, path: Path) -> None:
     """One line per top_k (and per value of any other swept key); dense runs as dashed levels."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
     finished = [row for row in rows if row["status"] == "ok"]
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for row in finished:
         if row["model"] == "moe":
             series[series_label(row, swept)].append((row["experts"], row[metric]))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in sorted(series.items()):
-        experts, values = zip(*sorted(points))
-        ax.plot(experts, values, marker="o", label=name)
-    for row in finished:
-        if row["model"] == "dense":
-            ax.axhline(row[metric], linestyle="--", color="gray", label=f"dense (job {row['job']})")
-    ax.set_xscale("log", base=2)  # expert counts are usually powers of two
-    ticks = sorted({row["experts"] for row in finished if row["model"] == "moe"})
-    ax.set_xticks(ticks, [str(tick) for tick in ticks])
-    ax.minorticks_off()
-    ax.set_xlabel("experts per MoE layer")
-    ax.set_ylabel(label)
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    fig.savefig(path, bbox_inches="tight", dpi=100)
-    plt.close(fig)
+    with plot(path, "experts per MoE layer", label) as ax:
+        for name, points in sorted(series.items()):
+            experts, values = zip(*sorted(points))
+            ax.plot(experts, values, marker="o", label=name)
+        for row in finished:
+            if row["model"] == "dense":
+                ax.axhline(row[metric], linestyle="--", color="gray", label=f"dense (job {row['job']})")
+        ax.set_xscale("log", base=2)  # expert counts are usually powers of two
+        ticks = sorted({row["experts"] for row in finished if row["model"] == "moe"})
+        ax.set_xticks(ticks, [str(tick) for tick in ticks])
+        ax.minorticks_off()
 
 
 def optuna_best(sweep_dir: Path) -> Optional[str]:
@@ -168,32 +134,28 @@ def optuna_best(sweep_dir: Path) -> Optional[str]:
 
 
 def status_counts(rows: list[dict[str, Any]]) -> str:
-    counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "failed", "interrupted", "incomplete")}
+    counts = {
+        status: sum(row["status"] == status for row in rows) for status in ("ok", "failed", "interrupted", "incomplete")
+    }
     return f"{len(rows)} jobs: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n)
-
-
-def write_file(path: Path, write: Callable[[Path], None]) -> str:
-    """Write ``path``; the returned line says when an earlier file was replaced."""
-    existed = path.exists()
-    write(path)
-    return f"{path} (replaced the earlier one)" if existed else str(path)
 
 
 def summarize(sweep_dir: Path, out_dir: Path) -> str:
     """Write the table and the plots; returns the text to print."""
     swept, rows = collect_rows(sweep_dir)
     columns = ["job", *swept, *MODEL_COLUMNS, *METRIC_COLUMNS, "status", "reason"]
-    table = markdown_table(columns, rows)
+    table = markdown_table(columns, [cells(columns, row) for row in rows])
     footer = [line for line in (status_counts(rows), optuna_best(sweep_dir)) if line]
     out_dir.mkdir(parents=True, exist_ok=True)
     report = "\n\n".join([f"# Sweep {sweep_dir}", table, *footer]) + "\n"
     written = [
-        write_file(out_dir / "summary.md", lambda path: path.write_text(report)),
-        write_file(out_dir / "summary.csv", partial(write_csv, columns=columns, rows=rows)),
+        write_reported(out_dir / "summary.md", lambda path: path.write_text(report)),
+        # Unrounded values, plus each job's directory and full override list for scripts.
+        write_reported(out_dir / "summary.csv", partial(write_csv, columns=[*columns, "dir", "overrides"], rows=rows)),
     ]
     if any(row["status"] == "ok" and row["model"] == "moe" for row in rows):
         for metric, label, name in PLOTS:
-            written.append(write_file(out_dir / name, partial(plot_against_experts, rows, swept, metric, label)))
+            written.append(write_reported(out_dir / name, partial(plot_against_experts, rows, swept, metric, label)))
     else:
         written.append("no plots: no MoE job finished")
     return "\n".join([table, "", *footer, "", "wrote:", *written])
@@ -201,19 +163,21 @@ def summarize(sweep_dir: Path, out_dir: Path) -> str:
 
 def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory, e.g. multirun/2026-11-23_12-00-00")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the table and plots (default: SWEEP_DIR)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write the table and plots (default: SWEEP_DIR)"
+    )
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         fail(f"{args.sweep_dir} is not a directory; pass a sweep directory such as multirun/<date_time>")
     try:
         print(summarize(args.sweep_dir, args.out or args.sweep_dir))
-    except SummaryError as error:
+    except (SummaryError, ConfigError) as error:
         fail(str(error))
 
 

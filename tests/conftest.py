@@ -92,7 +92,7 @@ def tiny_run_config(tiny_corpus) -> Callable[..., RunConfig]:
 
     def make(run_dir: Path, **fields) -> RunConfig:
         settings = dict(
-            model=GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
+            model=GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, use_moe=False),
             data=tiny_corpus,
             optim=OptimConfig(warmup_steps=1),
             trainer=TrainerConfig(accelerator="cpu", devices=1, max_steps=2, val_check_interval=2, limit_val_batches=1),

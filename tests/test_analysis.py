@@ -40,7 +40,7 @@ def test_parameter_counts_match_a_built_model():
 
 
 def test_gpt2_small_has_124m_parameters():
-    counts = parameter_counts(GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768))
+    counts = parameter_counts(GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, use_moe=False))
     assert counts["params_total"] == pytest.approx(124.4e6, rel=0.001)
 
 

@@ -120,7 +120,7 @@ def test_resuming_from_a_truncated_checkpoint_fails_before_any_data_is_built(
 
 
 def test_a_compiled_model_keeps_the_plain_models_keys():
-    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16, use_moe=False))
     keys = list(model.state_dict())
     model.compile()  # what compile=true does: in place, no wrapper module
     assert list(model.state_dict()) == keys

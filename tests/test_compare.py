@@ -2,18 +2,19 @@
 
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from moe_gpt.analysis import parameter_counts
 from moe_gpt.compose import compose_run_config, merge_overrides
 from moe_gpt.config import ConfigError
+from moe_gpt.comparison import Budget, parse_budgets, plan_run, seconds_per_step, steps_for_minutes, what_to_do
+from moe_gpt.variants import parse_variant, parse_variants
 from tests.helpers import REPO, TINY
-
-sys.path.insert(0, str(REPO / "scripts"))
-from compare import parse_variant  # noqa: E402
 
 
 def test_dense_variant_is_the_dense_model():
@@ -85,92 +86,144 @@ def test_user_overrides_replace_defaults_for_the_same_key():
     assert merged == ["trainer.limit_val_batches=10", "trainer.max_steps=7", "data=text"]
 
 
+def compare_command(out, *args) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), *args]
+
+
+def report_rows(out) -> list[dict]:
+    return list(csv.DictReader((out / "report.csv").open()))
+
+
 @pytest.mark.slow
 def test_tiny_comparison_writes_report_table_and_plots(tmp_path, corpus_overrides):
     out = tmp_path / "report"
     variants = "dense,moe:4:2,moe:3:1:num_shared_experts=1:router=sigmoid"
-    command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), "--variants", variants]
     result = subprocess.run(
-        command + TINY + corpus_overrides + ["logger=csv"], capture_output=True, text=True, timeout=900
+        compare_command(out, "--variants", variants, *TINY, *corpus_overrides, "logger=csv"),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader((out / "report.csv").open()))
+    rows = report_rows(out)
     shared = "moe-3-1-num_shared_experts-1-router-sigmoid"
-    assert [(r["variant"], r["status"]) for r in rows] == [("dense", "ok"), ("moe-4-2", "ok"), (shared, "ok")]
+    assert [(r["budget"], r["variant"], r["status"]) for r in rows] == [
+        ("tokens", "dense", "ok"),
+        ("tokens", "moe-4-2", "ok"),
+        ("tokens", shared, "ok"),
+    ]
     assert rows[0]["params_active"] == rows[0]["params_total"] and rows[1]["params_active"] < rows[1]["params_total"]
     # Matched: the shared variant's 1 routed + 1 shared expert hold the dense FFN's weights (+ router, biases).
     assert abs(int(rows[2]["params_active"]) - int(rows[0]["params_active"])) < 0.01 * int(rows[0]["params_active"])
     for name in (
         "report.md",
-        "val_loss_vs_tokens.png",
-        "val_loss_vs_time.png",
+        "tokens/val_loss_vs_tokens.png",
+        "tokens/val_loss_vs_time.png",
         "usage_moe-4-2.png",
         f"usage_{shared}.png",
+        "tokens/dense/seed-1337/metrics.json",
     ):
         assert (out / name).is_file(), name
-    assert "| moe-4-2 |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Equal tokens" in report and "| moe-4-2 |" in report and "| MFU |" in report
 
 
 @pytest.mark.slow
 def test_a_variant_that_diverges_is_reported_with_the_reason_train_py_recorded(tmp_path, corpus_overrides):
     out = tmp_path / "report"
     variants = "dense,moe:4:2:z_loss_coef=1e300"  # an infinite training loss at the first step
-    command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), "--variants", variants]
     result = subprocess.run(
-        command + TINY + corpus_overrides + ["logger=none"], capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-3000:]  # a failed variant is a row of the report, not a crash
-    rows = list(csv.DictReader((out / "report.csv").open()))
-    assert [(r["variant"], r["status"]) for r in rows] == [("dense", "ok"), ("moe-4-2-z_loss_coef-1e300", "failed")]
-    recorded = json.loads((out / "moe-4-2-z_loss_coef-1e300" / "failure.json").read_text())["reason"]
-    assert recorded.startswith("training diverged") and f"failed: {recorded}" in (out / "report.md").read_text()
-
-
-@pytest.mark.slow
-def test_a_comparison_over_seeds_reports_means_and_a_verdict_with_a_confidence_interval(tmp_path, corpus_overrides):
-    out = tmp_path / "report"
-    command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), "--variants", "dense,moe:4:2"]
-    result = subprocess.run(
-        command + ["--seeds", "2"] + TINY + corpus_overrides + ["logger=none", "seed=7"],
+        compare_command(out, "--variants", variants, *TINY, *corpus_overrides, "logger=none"),
         capture_output=True,
         text=True,
         timeout=900,
     )
+    assert result.returncode == 0, result.stderr[-3000:]  # a failed variant is a row of the report, not a crash
+    rows = report_rows(out)
+    assert [(r["variant"], r["status"]) for r in rows] == [("dense", "ok"), ("moe-4-2-z_loss_coef-1e300", "failed")]
+    failure = out / "tokens" / "moe-4-2-z_loss_coef-1e300" / "seed-1337" / "failure.json"
+    recorded = json.loads(failure.read_text())["reason"]
+    assert recorded.startswith("training diverged") and recorded in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_seeds_budgets_and_held_out_data_give_verdicts_and_a_rerun_keeps_finished_runs(tmp_path, corpus_overrides):
+    out, held_out = tmp_path / "report", tmp_path / "held_out.txt"
+    held_out.write_text((REPO / "README.md").read_text())
+    args = ["--variants", "dense,moe:4:2", "--seeds", "2", "--budget", "tokens", "--budget", "time=0.05"]
+    args += ["--eval-data", str(held_out), *TINY, *corpus_overrides, "logger=none", "seed=7"]
+    result = subprocess.run(compare_command(out, *args), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader((out / "report.csv").open()))
-    assert [(r["variant"], r["seed"], r["status"]) for r in rows] == [
-        ("dense", "7", "ok"),
-        ("dense", "8", "ok"),
-        ("moe-4-2", "7", "ok"),
-        ("moe-4-2", "8", "ok"),
+    rows = report_rows(out)
+    time_budget_steps = json.loads((out / "compare.json").read_text())["time_steps"]["time-0.05min"]
+    assert [(r["budget"], r["variant"], r["seed"], r["status"]) for r in rows] == [
+        (budget, variant, seed, "ok")
+        for budget in ("tokens", "time-0.05min")
+        for variant in ("dense", "moe-4-2")
+        for seed in ("7", "8")
     ]
     assert rows[0]["val_loss"] != rows[1]["val_loss"]  # the seeds really differ
+    assert all(row["held_out_loss"] for row in rows)
+    for row in rows[4:]:  # every time-budget run trained the steps its variant's measured speed gives
+        assert int(row["steps"]) == time_budget_steps[row["variant"]]
     for seed in (7, 8):
-        assert f"seed={seed}" in (out / "moe-4-2" / f"seed-{seed}" / ".hydra" / "overrides.yaml").read_text()
+        overrides = (out / "tokens" / "moe-4-2" / f"seed-{seed}" / ".hydra" / "overrides.yaml").read_text()
+        assert f"seed={seed}" in overrides
     report = (out / "report.md").read_text()
-    assert "| dense | 2/2 |" in report and "val loss (mean ± std)" in report
-    assert "95% CI" in report and "2 seeds" in report
-    assert (out / "val_loss_vs_tokens.png").is_file() and (out / "usage_moe-4-2.png").is_file()
+    assert "## Equal tokens" in report and "## Equal time (0.05 min of training for each variant)" in report
+    assert "| dense | 2/2 |" in report and "val loss (mean ± std)" in report and "held-out loss (mean ± std)" in report
+    assert "95% CI" in report and "2 seeds" in report and "held-out loss on" in report
+    assert (out / "time-0.05min" / "val_loss_vs_time.png").is_file() and (out / "usage_moe-4-2.png").is_file()
+
+    again = subprocess.run(compare_command(out, *args), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("[compare] keeping") == 8 and "train.py" not in again.stdout
+    assert report_rows(out) == rows
+
+    changed = subprocess.run(
+        compare_command(out, *args, "trainer.max_steps=7"), capture_output=True, text=True, timeout=900
+    )
+    assert changed.returncode == 2 and len(changed.stderr.strip().splitlines()) == 1
+    assert "holds a run with other settings: trainer.max_steps=7 (was trainer.max_steps=6)" in changed.stderr
+
+
+@pytest.mark.slow
+def test_a_stopped_comparison_resumes_its_interrupted_run_when_run_again(tmp_path, corpus_overrides):
+    out = tmp_path / "report"
+    args = ["--variants", "dense", *TINY, *corpus_overrides, "logger=none", "trainer.max_steps=400"]
+    args += ["checkpoint.every_n_steps=5"]
+    process = subprocess.Popen(compare_command(out, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = out / "tokens" / "dense" / "seed-1337" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # to compare.py only: it passes the signal on to the run
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "run the same command again" in stderr.strip().splitlines()[-1]
+    stopped = json.loads((last.parent.parent / "failure.json").read_text())
+    assert stopped["status"] == "interrupted" and 0 < stopped["step"] < 400
+
+    again = subprocess.run(compare_command(out, *args), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[compare] resume" in again.stdout and "resume=last" in again.stdout
+    assert [(r["status"], r["steps"]) for r in report_rows(out)] == [("ok", "400")]
 
 
 def test_zero_seeds_is_a_one_line_error(tmp_path):
-    command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(tmp_path / "r"), "--seeds", "0"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        compare_command(tmp_path / "r", "--seeds", "0"), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "error: --seeds 0 must be at least 1 (3 or more give a confidence interval worth reading)"
+        "error: compare.seeds=0 (--seeds) must be at least 1; 3 or more give a confidence interval worth reading"
     ]
     assert not (tmp_path / "r").exists()
 
 
 def test_comparison_refuses_a_non_empty_output_directory(tmp_path):
     (tmp_path / "report.md").write_text("an earlier report")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2 and "is not empty" in result.stderr
+    result = subprocess.run(compare_command(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "is not empty and holds no comparison" in result.stderr
     assert (tmp_path / "report.md").read_text() == "an earlier report"
 
 
@@ -182,11 +235,69 @@ def test_zero_experts_or_top_k_in_a_variant_is_an_error():
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--variants", "dense,moe:4:1,dense"], "lists a variant twice"), (["model.moe.nope=1"], "nope")],
+    [
+        (["--variants", "dense,moe:4:1,dense"], "give at least one, and each once"),
+        (["model.moe.nope=1"], "nope"),
+        (["--budget", "time=0"], "budget 'time=0' is not 'tokens' or 'time=<minutes>'"),
+        (["--budget", "steps=100"], "budget 'steps=100' is not"),
+        (["--eval-data", "no_such_corpus"], "--eval-data no_such_corpus: neither a data option (fineweb_edu,"),
+        (["experiment=no_such_preset"], "no_such_preset"),
+    ],
 )
 def test_bad_comparison_input_is_one_line_and_creates_nothing(tmp_path, args, message):
     out = tmp_path / "report"
-    command = [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(compare_command(out, *args), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("spec", ["moe:4:1", "moe:8:2", "moe:7:1:num_shared_experts=1"])
+def test_total_matching_gives_moe_the_dense_models_parameters(spec):
+    dense = compose_run_config(["model=dense"]).model
+    variant = parse_variant(spec, dense.n_embd, "total")
+    moe = compose_run_config(variant.overrides).model
+    experts = moe.moe.num_experts + moe.moe.num_shared_experts
+    assert moe.moe.hidden_size == 4 * dense.n_embd // experts
+    router = moe.n_layer * moe.n_embd * moe.moe.num_experts
+    extra_output_biases = moe.n_layer * (experts - 1) * moe.n_embd  # each expert has its own
+    assert (
+        parameter_counts(moe)["params_total"] == parameter_counts(dense)["params_total"] + router + extra_output_biases
+    )
+    assert parameter_counts(moe)["params_active"] < parameter_counts(dense)["params_active"]
+
+
+def test_budgets_parse_with_equal_tokens_first_and_time_budgets_get_steps_from_measured_speed():
+    budgets = parse_budgets(["time=2.5", "tokens", "tokens"])
+    assert [budget.name for budget in budgets] == ["tokens", "time-2.5min"]
+    assert budgets[1].minutes == 2.5
+    finished = [{"train_tokens": 2048 * 10, "steps": 10, "tokens_per_sec": 2048 / s} for s in (0.5, 0.6, 2.0)]
+    assert seconds_per_step(finished) == pytest.approx(0.6)  # the median: one slow run does not decide
+    assert steps_for_minutes(2.5, 0.6) == 250 and steps_for_minutes(0.001, 10.0) == 1
+
+
+def test_every_preset_composes_and_its_variants_parse():
+    for preset in sorted(path.stem for path in (REPO / "configs" / "experiment").glob("*.yaml")):
+        run = compose_run_config([f"experiment={preset}"])
+        variants = parse_variants(run.compare.variants, run.model.n_embd, run.compare.match)
+        assert parse_budgets(run.compare.budgets) and len(variants) >= 2, preset
+        for variant in variants:
+            compose_run_config([f"experiment={preset}", *variant.overrides])  # every run's config validates
+
+
+def test_the_gpu_preset_is_gpt2_small_on_a_hub_corpus_and_the_cpu_preset_has_error_bars():
+    gpu = compose_run_config(["experiment=dense_vs_moe_gpu"])
+    assert (gpu.model.n_layer, gpu.model.n_embd, gpu.model.block_size) == (12, 768, 1024)
+    assert gpu.trainer.accelerator == "gpu" and gpu.data.corpus == "hub"
+    cpu = compose_run_config(["experiment=dense_vs_moe_cpu"])
+    assert cpu.trainer.accelerator == "cpu" and cpu.data.corpus == "stdlib" and cpu.compare.seeds >= 3
+    assert {budget.kind for budget in parse_budgets(cpu.compare.budgets)} == {"tokens", "time"}
+
+
+def test_a_comparison_refuses_a_folder_that_holds_a_run_with_other_settings(tmp_path):
+    run = plan_run(tmp_path, Budget("tokens"), parse_variant("dense", 128, "active"), 1, ["trainer.max_steps=5"], None)
+    (run.run_dir / ".hydra").mkdir(parents=True)
+    (run.run_dir / ".hydra" / "overrides.yaml").write_text("- trainer.max_steps=9\n- model=dense\n- seed=1\n")
+    with pytest.raises(ConfigError, match=r"trainer.max_steps=5 \(was trainer.max_steps=9\)"):
+        what_to_do(run)
+    (run.run_dir / ".hydra" / "overrides.yaml").write_text("- trainer.max_steps=5\n- model=dense\n- seed=1\n")
+    assert what_to_do(run) == "train"  # the same settings, nothing recorded yet

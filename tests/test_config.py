@@ -3,8 +3,10 @@
 import re
 import subprocess
 import sys
+from dataclasses import MISSING, asdict, fields, is_dataclass
 
 import pytest
+import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -166,3 +168,82 @@ def test_help_lists_the_main_keys_with_their_real_defaults():
     for key, value in checked:  # the help must not drift from the defaults it states
         actual = OmegaConf.select(defaults, key, throw_on_missing=True)
         assert str(actual).lower() in (value, "none" if value == "null" else value), key
+
+
+CONFIGS = REPO / "configs"
+# The groups whose options fill RunConfig fields (model/size/ fills model too, through `@package model`).
+OPTION_GROUPS = ("model", "trainer", "logger", "data", "checkpoint")
+
+
+def schema_defaults(schema: type) -> dict:
+    """The dataclass defaults as written in moe_gpt/config.py (before any __post_init__), nested as in YAML."""
+    defaults = {}
+    for f in fields(schema):
+        value = f.default if f.default is not MISSING else f.default_factory()
+        defaults[f.name] = schema_defaults(type(value)) if is_dataclass(value) else value
+    return defaults
+
+
+def repeated_defaults(values: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Keys of ``values`` set to their default; a key the schema lacks counts too (Hydra would refuse it)."""
+    repeated = []
+    for key, value in values.items():
+        if key not in defaults:
+            repeated.append(f"{prefix}{key} (not in the schema)")
+        elif isinstance(value, dict) and isinstance(defaults[key], dict):
+            repeated += repeated_defaults(value, defaults[key], f"{prefix}{key}.")
+        elif value == defaults[key]:
+            repeated.append(f"{prefix}{key}={value!r}")
+    return repeated
+
+
+def test_the_dataclass_defaults_are_the_default_run():
+    composed, defaults = asdict(compose_run_config([])), asdict(RunConfig())
+    del composed["run_dir"], defaults["run_dir"]  # Hydra sets it to the run's folder
+    assert defaults == composed
+
+
+@pytest.mark.parametrize(
+    "path",
+    [CONFIGS / "config.yaml"] + sorted(path for group in OPTION_GROUPS for path in (CONFIGS / group).rglob("*.yaml")),
+    ids=lambda path: str(path.relative_to(CONFIGS)),
+)
+def test_no_yaml_option_repeats_a_default(path):
+    # The defaults live in moe_gpt/config.py only; an option sets just what it changes, so no value
+    # can silently disagree with the dataclass (an option file of comments alone is fine).
+    values = yaml.safe_load(path.read_text()) or {}
+    if path.name == "config.yaml":  # the primary config: its own keys, not Hydra's or the defaults list
+        values = {key: value for key, value in values.items() if key not in ("defaults", "hydra")}
+        defaults = schema_defaults(RunConfig)
+    else:
+        defaults = schema_defaults(RunConfig)[path.relative_to(CONFIGS).parts[0]]
+    assert repeated_defaults(values, defaults) == []
+
+
+KEY_LINE = re.compile(r"^\s*(- )?[^\s#-][^:#]*:(\s|$)")  # `key:`, also `- key: value` in a defaults list
+BLOCK_SCALAR = re.compile(r":\s*[|>][-+]?\s*(#.*)?$")  # `key: |-`: the indented lines after it are text
+
+
+def uncommented_keys(path) -> list[str]:
+    """``file:line: text`` of each key line with neither a trailing comment nor a comment line right above."""
+    missing, previous, block_indent = [], "", None
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        stripped, indent = line.strip(), len(line) - len(line.lstrip())
+        if block_indent is not None:
+            if not stripped or indent > block_indent:
+                continue
+            block_indent = None
+        if KEY_LINE.match(line):
+            if not re.search(r"\s#", line) and not previous.startswith("#"):
+                missing.append(f"{path.relative_to(CONFIGS)}:{number}: {stripped}")
+            if BLOCK_SCALAR.search(line):
+                block_indent = indent
+        previous = stripped
+    return missing
+
+
+def test_every_yaml_key_has_a_comment():
+    # A trailing comment, or a comment line right above; what each key means is never left to guess.
+    paths = sorted(CONFIGS.rglob("*.yaml"))
+    assert len(paths) > 20
+    assert [line for path in paths for line in uncommented_keys(path)] == []

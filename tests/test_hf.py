@@ -96,7 +96,7 @@ def test_padded_vocabulary_rows_are_zero(hf_gpt2_dir):
 
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=1000, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT(GPTConfig(block_size=32, vocab_size=1000, n_layer=2, n_head=2, n_embd=32, use_moe=False)).eval()
     with torch.no_grad():  # nonzero biases and gains, so every weight's mapping shows in the logits
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.1)
@@ -116,7 +116,7 @@ def test_import_export_round_trip_keeps_every_weight(hf_gpt2_dir, tmp_path):
 
 
 def test_our_layer_norms_use_the_epsilon_the_import_requires():
-    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8, use_moe=False))
     norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert norms and all(norm.eps == LAYER_NORM_EPS for norm in norms)
 
@@ -171,7 +171,7 @@ def test_export_refuses_an_moe_model(tmp_path):
 
 
 def test_export_refuses_a_non_empty_directory_unless_overwrite(tmp_path):
-    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8, use_moe=False))
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="is not empty.*--overwrite"):
         export_hf_gpt2(model, tmp_path)

@@ -11,7 +11,7 @@ from moe_gpt.outcomes import Diverged
 
 def test_validation_averages_over_the_targets_that_count():
     module = GPTLightningModule(
-        GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=16), OptimConfig(), max_steps=10
+        GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=16, use_moe=False), OptimConfig(), max_steps=10
     ).eval()
     torch.manual_seed(0)
     full = torch.randint(0, 50257, (2, 8)), torch.randint(0, 50257, (2, 8))

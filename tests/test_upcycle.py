@@ -16,7 +16,7 @@ from moe_gpt.model import GPT, MLP
 from moe_gpt.run import train
 from moe_gpt.upcycle import upcycle
 
-TINY = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32)
+TINY = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32, use_moe=False)
 # The run model of conftest's tiny_run_config, made MoE: the size of the hf_gpt2_dir and tiny_checkpoint models.
 TINY_RUN_MOE = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, use_moe=True, moe=MoEConfig(num_experts=4))
 

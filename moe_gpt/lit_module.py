@@ -95,7 +95,15 @@ class GPTLightningModule(L.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
         losses = {"train/lm_loss": out.lm_loss, "train/aux_loss": out.aux_loss, "train/z_loss": out.z_loss}
         self.log_dict(losses, sync_dist=True)
+        self._log_epochs()
         return out.loss
+
+    def _log_epochs(self) -> None:
+        """Passes over the training split so far, as a fraction (0.03 after a few steps). Logged under
+        Lightning's own ``epoch`` key, which it otherwise fills with whole epochs, 1 after any finished fit."""
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and datamodule.train_tokens:
+            self.log("epoch", self.tokens_seen / datamodule.train_tokens, sync_dist=False)
 
     def _stop_if_diverged(self, loss: Tensor) -> None:
         """Raise before the optimizer step, so a non-finite loss never reaches the weights."""
@@ -164,6 +172,7 @@ class GPTLightningModule(L.LightningModule):
         val_loss = self.val_loss.compute()  # over every process's batches
         self.val_loss.reset()
         self.log_dict({"val/loss": val_loss, "val/ppl": torch.exp(val_loss)}, prog_bar=True, sync_dist=True)
+        self._log_epochs()
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             # For loss-against-tokens and loss-against-time curves (scripts/compare.py).
             self.val_history.append(

@@ -15,7 +15,14 @@ from dataclasses import dataclass, fields
 
 from moe_gpt.config import ACTIVATIONS, ConfigError, MoEConfig
 
-MATCHING = ("active", "total", "none")
+MATCH_RULES = {  # for reports
+    "active": "each expert is 4*n_embd/(top_k + shared experts) wide, so the experts a token uses hold as many "
+    "parameters as the dense FFN",
+    "total": "each expert is 4*n_embd/(num_experts + shared experts) wide, so every model has the dense model's "
+    "parameters and MoE uses fewer per token",
+    "none": "none: experts keep the configured width",
+}
+MATCHING = tuple(MATCH_RULES)
 VARIANT_FORMAT = (
     "'dense' or 'moe:E:K[:activation][:key=value...]', e.g. moe:8:2, moe:4:1:swish or moe:16:4:num_shared_experts=1"
 )

@@ -7,8 +7,8 @@ variant against the first with a 95% confidence interval paired by seed and a ve
 a winner only when the interval excludes zero, and val loss against tokens and against training
 time (a band over seeds); plus an expert-usage heatmap per MoE variant. All runs share a W&B group.
 
-    python scripts/compare.py                                   # dense, moe:4:1, moe:8:2: ~6 min on 2 CPU cores
-    python scripts/compare.py experiment=dense_vs_moe_cpu       # the preset: a verdict with error bars, ~1 hour
+    python scripts/compare.py                                   # dense, moe:4:1, moe:8:2: ~5 min on 2 CPU cores
+    python scripts/compare.py experiment=dense_vs_moe_cpu       # the preset: a verdict with error bars, ~33 min
     python scripts/compare.py --variants dense,moe:8:2 --seeds 3 --budget tokens --budget time=5
     python scripts/compare.py --match total --variants dense,moe:8:2   # equal total instead of active parameters
     python scripts/compare.py --eval-data shakespeare            # also every best checkpoint on a held-out corpus
@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from hydra.errors import HydraException
@@ -62,19 +62,12 @@ from moe_gpt.console import tidy_lightning_logging
 from moe_gpt.outcomes import EXIT_BAD_INPUT, Interrupted, one_line
 from moe_gpt.preemption import stop_signals_raise
 from moe_gpt.run_dir import folder_lock, read_record, run_outcome, write_json
-from moe_gpt.variants import MATCHING, Variant, parse_variants
+from moe_gpt.variants import MATCH_RULES, MATCHING, Variant, parse_variants
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = "experiment=compare_small"
 HEATMAP_WINDOWS = 16  # validation windows routed for each usage heatmap
 HELD_OUT_FILE = "held_out.json"
-MATCH_RULES = {
-    "active": "each expert is 4*n_embd/(top_k + shared experts) wide, so the experts a token uses hold as many "
-    "parameters as the dense FFN",
-    "total": "each expert is 4*n_embd/(num_experts + shared experts) wide, so every model has the dense model's "
-    "parameters and MoE uses fewer per token",
-    "none": "none: experts keep the configured width",
-}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -128,8 +121,12 @@ def compare(args: argparse.Namespace) -> None:
     seeds = [run_config.seed + i for i in range(chosen.seeds)]
     configs = {variant.name: compose_run_config(base + variant.overrides) for variant in variants}
     eval_data = eval_data_config(chosen.eval_data, run_config.data) if chosen.eval_data else None
-    out_dir = Path(args.out) if args.out else REPO / "outputs" / "compare" / time.strftime("compare-%Y-%m-%d_%H-%M-%S")
-    base = merge_overrides(base, [f"logger.group={out_dir.name}"])  # one W&B group; stable when re-run
+    out_dir = (
+        Path(args.out).resolve()
+        if args.out
+        else REPO / "outputs" / "compare" / time.strftime("compare-%Y-%m-%d_%H-%M-%S")
+    )
+    base = merge_overrides([f"logger.group={out_dir.name}"], base)  # one W&B group, stable when re-run; yours wins
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / STATE_FILE).is_file():
         raise ConfigError(f"--out {out_dir} is not empty and holds no comparison ({STATE_FILE}); choose a new folder")
     with folder_lock(
@@ -138,8 +135,13 @@ def compare(args: argparse.Namespace) -> None:
         save_state(out_dir, load_state(out_dir))  # marks the folder as a comparison's
         rows = []
         for budget in budgets:
-            runs = plan_budget(budget, variants, seeds, base, out_dir, rows)
+            runs, untimed = plan_budget(budget, variants, seeds, base, out_dir, rows)
             rows += [train_and_report(run, configs[run.variant.name], out_dir, eval_data, chosen) for run in runs]
+            rows += [
+                {"budget": budget.name, "variant": name, "seed": seed, "status": "failed", "reason": reason}
+                for name, reason in untimed.items()
+                for seed in seeds
+            ]
         context = ReportContext(
             " ".join(["python scripts/compare.py", *sys.argv[1:]]), MATCH_RULES[chosen.match], seeds, chosen.eval_data
         )
@@ -148,37 +150,45 @@ def compare(args: argparse.Namespace) -> None:
 
 def plan_budget(
     budget: Budget, variants: list[Variant], seeds: list[int], base: list[str], out_dir: Path, done: list[dict]
-) -> list[PlannedRun]:
-    """The runs of one budget, every one checked against what ``out_dir`` already holds."""
-    steps = {variant.name: None for variant in variants}
+) -> tuple[list[PlannedRun], dict[str, str]]:
+    """The runs of one budget, every one checked against what ``out_dir`` already holds, and the
+    variants a time budget could not time (with why)."""
+    steps: dict[str, Optional[int]] = {variant.name: None for variant in variants}
+    untimed: dict[str, str] = {}
     if budget.kind == "time":
-        steps = time_budget_steps(budget, variants, seeds[0], base, out_dir, done)
-    runs = [plan_run(out_dir, budget, v, seed, base, steps[v.name]) for v in variants for seed in seeds]
+        steps, untimed = time_budget_steps(budget, variants, seeds[0], base, out_dir, done)
+    runs = [
+        plan_run(out_dir, budget, v, seed, base, steps[v.name]) for v in variants if v.name in steps for seed in seeds
+    ]
     for run in runs:
         what_to_do(run)  # a folder with other settings stops the comparison before anything trains
-    return runs
+    return runs, untimed
 
 
 def time_budget_steps(
     budget: Budget, variants: list[Variant], seed: int, base: list[str], out_dir: Path, done: list[dict]
-) -> dict[str, int]:
-    """Steps that take each variant ``budget.minutes`` of training, from its measured speed; chosen
-    once per comparison folder (compare.json) so a re-run trains exactly the same runs."""
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Steps that take each variant ``budget.minutes`` of training, from its measured speed, chosen
+    once per comparison folder (compare.json) so a re-run trains exactly the same runs; and the
+    variants that could not be timed (their runs failed), with the reason."""
     state = load_state(out_dir)
     chosen = state["time_steps"].setdefault(budget.name, {})
+    untimed = {}
     for variant in variants:
         if variant.name in chosen:
             continue
         finished = [row for row in done if row["variant"] == variant.name and row["status"] == "ok"]
         if not finished:
             calibration = calibration_run(out_dir, variant, seed, base)
-            finished = [train(calibration)] if what_to_do(calibration) != "keep" else [run_outcome(calibration.run_dir)]
-            if finished[0]["status"] != "ok":
-                raise ConfigError(f"timing {variant.spec} failed ({finished[0]['reason']}); see {calibration.run_dir}")
+            timed = train(calibration)
+            if timed["status"] != "ok":
+                untimed[variant.name] = f"could not time it: {timed['reason']}"
+                continue
+            finished = [timed]
         chosen[variant.name] = steps_for_minutes(budget.minutes, seconds_per_step(finished))
         print(f"[compare] {budget.name}: {variant.spec} gets {chosen[variant.name]} steps", flush=True)
     save_state(out_dir, state)
-    return chosen
+    return chosen, untimed
 
 
 def train(run: PlannedRun) -> dict[str, Any]:
@@ -190,7 +200,8 @@ def train(run: PlannedRun) -> dict[str, Any]:
     extra = ["resume=last"] if action == "resume" else []
     command = [sys.executable, str(REPO / "train.py"), *run.overrides, *extra, f"hydra.run.dir={run.run_dir}"]
     print(f"[compare] {action} {run.run_dir}: {' '.join(command[2:])}", flush=True)
-    process = subprocess.Popen(command, cwd=REPO, env=os.environ, stderr=subprocess.PIPE, text=True)
+    # From the folder compare.py was started in, so data.paths mean what they mean to train.py.
+    process = subprocess.Popen(command, env=os.environ, stderr=subprocess.PIPE, text=True)
     try:
         _, stderr = process.communicate()
     except Interrupted as stop:

@@ -17,6 +17,7 @@ from moe_gpt.checkpoints import load_model
 from moe_gpt.config import ConfigError
 from moe_gpt.hf import export_hf_gpt2
 from moe_gpt.cpu_memory import reuse_freed_cpu_memory
+from moe_gpt.outcomes import EXIT_BAD_INPUT, one_line
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -30,8 +31,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         directory = export_hf_gpt2(load_model(args.checkpoint), args.out, overwrite=args.overwrite)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"exported {args.checkpoint} to {directory}")
     return 0
 

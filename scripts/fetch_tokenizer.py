@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # runs before setup.sh has installed the package
 
 from moe_gpt.data.tokenizer import GPT2_RANKS_SHA256, RANKS_FILENAME  # noqa: E402
+from moe_gpt.outcomes import EXIT_BAD_INPUT  # noqa: E402
 
 WHISPER_SDIST = "openai-whisper==20250625"
 MEMBER_SUFFIX = "/whisper/assets/gpt2.tiktoken"
@@ -53,7 +54,9 @@ def download_sdist(workdir: Path) -> Path:
         raise SystemExit(f"error: `pip download {WHISPER_SDIST}` failed ({last_line}); check that PyPI is reachable")
     archives = sorted(workdir.glob("*.tar.gz"))
     if not archives:
-        raise SystemExit(f"error: pip downloaded no .tar.gz for {WHISPER_SDIST} into {workdir}; check pip's configuration")
+        raise SystemExit(
+            f"error: pip downloaded no .tar.gz for {WHISPER_SDIST} into {workdir}; check pip's configuration"
+        )
     return archives[0]
 
 
@@ -91,7 +94,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{target} is already present and verified; nothing to do")
             return
         # Never replace a file we did not write: the user may want to look at it first.
-        raise SystemExit(f"error: {target} exists but is not GPT-2's ranks (sha256 mismatch); move it away and rerun")
+        print(
+            f"error: {target} exists but is not GPT-2's ranks (sha256 mismatch); move it away and rerun",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_BAD_INPUT)
 
     if tiktoken_has_gpt2():
         print("tiktoken can already load gpt2 here; fetching a local copy anyway for offline runs")

@@ -21,6 +21,7 @@ from moe_gpt.config import ConfigError, project_path
 from moe_gpt.data import DataError, load_gpt2_tokenizer
 from moe_gpt.data.tokenizer import ENDOFTEXT, GPT2_N_VOCAB
 from moe_gpt.generate import check_sampling_arguments, generate
+from moe_gpt.outcomes import EXIT_BAD_INPUT, one_line
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -86,8 +87,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         samples = sample_texts(args)
     except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     for number, text in enumerate(samples, start=1):
         print(f"--- sample {number} ---\n{text}")
     return 0

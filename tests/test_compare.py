@@ -192,7 +192,10 @@ def test_a_stopped_comparison_resumes_its_interrupted_run_when_run_again(tmp_pat
     out = tmp_path / "report"
     args = ["--variants", "dense", *TINY, *corpus_overrides, "logger=none", "trainer.max_steps=400"]
     args += ["checkpoint.every_n_steps=5"]
-    process = subprocess.Popen(compare_command(out, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Started from another folder with a relative --out: the runs go where the report goes.
+    process = subprocess.Popen(
+        compare_command("report", *args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     last = out / "tokens" / "dense" / "seed-1337" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not last.exists() and time.monotonic() < deadline:
@@ -204,7 +207,7 @@ def test_a_stopped_comparison_resumes_its_interrupted_run_when_run_again(tmp_pat
     stopped = json.loads((last.parent.parent / "failure.json").read_text())
     assert stopped["status"] == "interrupted" and 0 < stopped["step"] < 400
 
-    again = subprocess.run(compare_command(out, *args), capture_output=True, text=True, timeout=900)
+    again = subprocess.run(compare_command("report", *args), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[compare] resume" in again.stdout and "resume=last" in again.stdout
     assert [(r["status"], r["steps"]) for r in report_rows(out)] == [("ok", "400")]

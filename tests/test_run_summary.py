@@ -40,6 +40,8 @@ def test_tokens_per_second_leaves_validation_out(tmp_path, corpus_overrides):
     assert metrics["tokens_per_sec"] == pytest.approx(metrics["train_tokens"] / metrics["train_seconds"])
     assert metrics["train_seconds"] < 0.5 * metrics["wall_time_s"]
     assert metrics["tokens_per_sec"] > 2 * metrics["train_tokens"] / metrics["wall_time_s"]
+    # The x axis of loss-against-time curves leaves validation out too.
+    assert metrics["val_history"][-1]["seconds"] <= 1.25 * metrics["train_seconds"]
     assert metrics["mfu"] is None
 
 
@@ -77,3 +79,7 @@ def test_the_final_val_loss_reuses_a_validation_at_the_last_step(tmp_path, corpu
     assert metrics["val_loss"] == pytest.approx(logged[-1][1])
     if not extra_pass:
         assert metrics["val_loss"] == metrics["val_history"][-1]["val_loss"]
+    # "epoch" is the fraction of the training split seen, not Lightning's whole epochs (1 after any fit).
+    epochs = [value for _, value in csv_column(tmp_path, "epoch")]
+    assert epochs == sorted(epochs) and 0 < epochs[-1] < 1
+    assert epochs[-1] == pytest.approx(metrics["train_tokens"] / metrics["corpus_train_tokens"])

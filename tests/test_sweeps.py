@@ -20,7 +20,9 @@ SHORT = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_v
 def run_sweep(args: list[str], tmp_path: Path, corpus_overrides: list[str]) -> Path:
     """``train.py -m`` on the tiny model; returns the sweep directory (jobs in 0/, 1/, ...)."""
     sweep_dir = tmp_path / "sweep"
-    result = run_train_cli(["-m", *TINY, *SHORT, *corpus_overrides, *args, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    result = run_train_cli(
+        ["-m", *TINY, *SHORT, *corpus_overrides, *args, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep_dir
 
@@ -70,6 +72,8 @@ def test_failed_jobs_are_recorded_and_the_rest_of_the_sweep_completes(tmp_path, 
     assert rows[1]["reason"].startswith("DataError: the train split has")
     assert rows[1]["model.block_size"] == "100000"  # a swept key gets its own column
     assert "ConfigError: model.moe.top_k=9 must be between 1" in printed and "4 jobs: 1 ok, 3 failed" in printed
+    assert "| tokens_per_sec | mfu | wall_time_s |" in printed  # training-only throughput and MFU
+    assert float(rows[3]["tokens_per_sec"]) > 0 and rows[3]["mfu"] == ""  # no known peak on a CPU
     assert_plots_written(sweep_dir)
 
 
@@ -105,7 +109,12 @@ def test_optuna_search_runs_its_trials_and_saves_the_best(tmp_path, corpus_overr
 
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     # TINY sets model.moe.num_experts=4: a key given on the command line is fixed, not searched.
-    assert set(best["best_params"]) == {"model.moe.top_k", "model.moe.activation", "optim.lr", "model.moe.aux_loss_coef"}
+    assert set(best["best_params"]) == {
+        "model.moe.top_k",
+        "model.moe.activation",
+        "optim.lr",
+        "model.moe.aux_loss_coef",
+    }
     assert 1e-4 <= best["best_params"]["optim.lr"] <= 3e-3 and math.isfinite(best["best_value"])
     assert (sweep_dir / "0" / "metrics.json").is_file() and (sweep_dir / "1" / "metrics.json").is_file()
     printed, rows = summarize(load_script, sweep_dir, capsys)

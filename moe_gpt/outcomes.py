@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
-from typing import Optional
+import sys
+from typing import NoReturn, Optional
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -60,3 +62,12 @@ def one_line(error: BaseException) -> str:
             lines = [lines[0].rstrip(".") + ":", str(error.__cause__).strip().splitlines()[0]]
     text = " ".join(line for line in lines if line)
     return text or type(error).__name__
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's rule for bad input: one line naming the problem, exit code 2
+    (argparse's own error prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)

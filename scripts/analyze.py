@@ -25,10 +25,10 @@ from moe_gpt.analysis import (
 from moe_gpt.checkpoints import load_model
 from moe_gpt.compose import compose_run_config
 from moe_gpt.config import ConfigError, config_warnings, project_path
+from moe_gpt.cpu_memory import reuse_freed_cpu_memory
 from moe_gpt.data import DataError, load_gpt2_tokenizer
 from moe_gpt.intermediate import to_jsonable
-from moe_gpt.outcomes import EXIT_BAD_INPUT, one_line
-from moe_gpt.cpu_memory import reuse_freed_cpu_memory
+from moe_gpt.outcomes import EXIT_BAD_INPUT, ArgumentParser, one_line
 
 
 def analyze_config(args: argparse.Namespace) -> None:
@@ -62,7 +62,7 @@ def analyze_routing(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     config = commands.add_parser("config", help="parameters, FLOPs per token, memory estimate and advice for a config")
     config.add_argument("overrides", nargs="*", help="train.py overrides, e.g. model=dense model/size=gpt2_small")

@@ -28,6 +28,7 @@ from moe_gpt.config import GPTConfig, MoEConfig
 from moe_gpt.cpu_memory import reuse_freed_cpu_memory
 from moe_gpt.experts import FeedForward
 from moe_gpt.moe import MoELayer
+from moe_gpt.outcomes import ArgumentParser
 
 IMPLS = ("auto", "grouped_mm", "loop")
 GOALS = {(8, 2): 1.10, (16, 2): 1.25, (64, 8): 1.25}  # (experts, top_k) -> most grouped / dense
@@ -68,7 +69,7 @@ def parse_setting(spec: str) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=4096, help="batch x sequence length")
     parser.add_argument("--settings", nargs="+", default=["8:2", "16:2", "64:8"], help="E:K pairs")

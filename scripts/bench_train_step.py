@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from moe_gpt.outcomes import ArgumentParser
+
 WORKER_FLAG = "--worker"
 
 
@@ -73,7 +75,7 @@ def run_worker(overrides: list[str], steps: int, setting: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per process")
     parser.add_argument("--rounds", type=int, default=2, help="processes per setting, alternating")
     parser.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)

@@ -54,12 +54,12 @@ from moe_gpt.comparison import (
 from moe_gpt.comparison_report import ReportContext, write_report
 from moe_gpt.compose import compose_run_config, merge_overrides, override_key
 from moe_gpt.config import CompareConfig, ConfigError, RunConfig
+from moe_gpt.console import tidy_lightning_logging
 from moe_gpt.cpu_memory import reuse_freed_cpu_memory
 from moe_gpt.data import DataError, TokenDataModule
 from moe_gpt.expert_usage import usage_heatmap_png
 from moe_gpt.held_out import eval_data_config, held_out_loss
-from moe_gpt.console import tidy_lightning_logging
-from moe_gpt.outcomes import EXIT_BAD_INPUT, Interrupted, one_line
+from moe_gpt.outcomes import EXIT_BAD_INPUT, ArgumentParser, Interrupted, one_line
 from moe_gpt.preemption import stop_signals_raise
 from moe_gpt.run_dir import folder_lock, read_record, run_outcome, write_json
 from moe_gpt.variants import MATCH_RULES, MATCHING, Variant, parse_variants
@@ -71,7 +71,7 @@ HELD_OUT_FILE = "held_out.json"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="train.py overrides applied to every variant")
     parser.add_argument("--variants", help="comma-separated variants (default: compare.variants)")
     parser.add_argument("--seeds", type=int, help="seeds per variant: seed, seed+1, ...; 3+ for a verdict")

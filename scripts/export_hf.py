@@ -9,19 +9,18 @@ unless --overwrite is given.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional
 
 from moe_gpt.checkpoints import load_model
 from moe_gpt.config import ConfigError
-from moe_gpt.hf import export_hf_gpt2
 from moe_gpt.cpu_memory import reuse_freed_cpu_memory
-from moe_gpt.outcomes import EXIT_BAD_INPUT, one_line
+from moe_gpt.hf import export_hf_gpt2
+from moe_gpt.outcomes import EXIT_BAD_INPUT, ArgumentParser, one_line
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a dense moe-gpt checkpoint in Hugging Face GPT-2 format.")
+    parser = ArgumentParser(description="Export a dense moe-gpt checkpoint in Hugging Face GPT-2 format.")
     parser.add_argument("--checkpoint", required=True, help="a .ckpt from a dense run's checkpoints/ folder")
     parser.add_argument("--out", required=True, help="directory to write config.json and model.safetensors into")
     parser.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")

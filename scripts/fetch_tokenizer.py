@@ -10,7 +10,6 @@ out, and check it against the pinned sha256 before keeping it.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import subprocess
@@ -23,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # runs before setup.sh has installed the package
 
 from moe_gpt.data.tokenizer import GPT2_RANKS_SHA256, RANKS_FILENAME  # noqa: E402
-from moe_gpt.outcomes import EXIT_BAD_INPUT  # noqa: E402
+from moe_gpt.outcomes import EXIT_BAD_INPUT, ArgumentParser  # noqa: E402
 
 WHISPER_SDIST = "openai-whisper==20250625"
 MEMBER_SUFFIX = "/whisper/assets/gpt2.tiktoken"
@@ -85,7 +84,7 @@ def write_atomically(data: bytes, target: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=REPO_ROOT / "data" / "tokenizer", help="where gpt2.tiktoken goes")
     target = parser.parse_args(argv).dir / RANKS_FILENAME
 

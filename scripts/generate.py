@@ -21,11 +21,11 @@ from moe_gpt.config import ConfigError, project_path
 from moe_gpt.data import DataError, load_gpt2_tokenizer
 from moe_gpt.data.tokenizer import ENDOFTEXT, GPT2_N_VOCAB
 from moe_gpt.generate import check_sampling_arguments, generate
-from moe_gpt.outcomes import EXIT_BAD_INPUT, one_line
+from moe_gpt.outcomes import EXIT_BAD_INPUT, ArgumentParser, one_line
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Sample text from a moe-gpt training checkpoint.")
+    parser = ArgumentParser(description="Sample text from a moe-gpt training checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="a .ckpt from a run's checkpoints/ folder")
     parser.add_argument(
         "--prompt", default=ENDOFTEXT, help=f"text to continue; default {ENDOFTEXT}, the start of a new document"

@@ -28,7 +28,7 @@ from moe_gpt.config import ConfigError, RunConfig
 from moe_gpt.cpu_memory import reuse_freed_cpu_memory
 from moe_gpt.data import DataError
 from moe_gpt.model import GPT
-from moe_gpt.outcomes import EXIT_BAD_INPUT, one_line
+from moe_gpt.outcomes import EXIT_BAD_INPUT, ArgumentParser, one_line
 from moe_gpt.prune import (
     Measurement,
     check_keep,
@@ -44,7 +44,7 @@ DEFAULT_WINDOWS = 64
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a .ckpt of an MoE run, e.g. <run>/checkpoints/best.ckpt")
     parser.add_argument("--keep", type=int, required=True, help="experts each MoE layer keeps")
     parser.add_argument("--out", default=None, help="pruned checkpoint (default: <stem>-pruned-<keep>.ckpt beside it)")
@@ -86,7 +86,8 @@ def run_config(path: Path, checkpoint: dict, overrides: list[str]) -> RunConfig:
 
 def validation_batches(run: RunConfig, block_size: int, windows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``windows`` validation windows of the run's data, in batches of data.batch_size."""
-    from moe_gpt.data import TokenDataModule  # imports Lightning (seconds): only once the arguments are checked
+    # Imports Lightning (seconds): only once the arguments are checked.
+    from moe_gpt.data import TokenDataModule
 
     datamodule = TokenDataModule(run.data, block_size=block_size, seed=run.seed)
     datamodule.setup("validate")

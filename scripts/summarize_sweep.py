@@ -13,7 +13,6 @@ Writes summary.md, summary.csv, val_ppl_vs_experts.png and tokens_per_sec_vs_exp
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import defaultdict
 from functools import partial
@@ -23,7 +22,7 @@ from typing import Any, NoReturn, Optional
 import yaml
 
 from moe_gpt.config import ConfigError
-from moe_gpt.outcomes import EXIT_BAD_INPUT
+from moe_gpt.outcomes import EXIT_BAD_INPUT, ArgumentParser
 from moe_gpt.reporting import cell, markdown_table, plot, write_csv, write_reported
 from moe_gpt.run_dir import run_outcome
 
@@ -167,7 +166,7 @@ def fail(message: str) -> NoReturn:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory, e.g. multirun/2026-11-23_12-00-00")
     parser.add_argument(
         "--out", type=Path, default=None, help="where to write the table and plots (default: SWEEP_DIR)"

@@ -99,11 +99,11 @@ class GPTLightningModule(L.LightningModule):
         return out.loss
 
     def _log_epochs(self) -> None:
-        """Passes over the training split so far, as a fraction (0.03 after a few steps). Logged under
-        Lightning's own ``epoch`` key, which it otherwise fills with whole epochs, 1 after any finished fit."""
+        """Passes over the training split so far, as a fraction (0.03 after a few steps); the loggers
+        leave out Lightning's whole-epoch counter (moe_gpt/loggers.py)."""
         datamodule = self.trainer.datamodule
         if datamodule is not None and datamodule.train_tokens:
-            self.log("epoch", self.tokens_seen / datamodule.train_tokens, sync_dist=False)
+            self.log("train/epochs", self.tokens_seen / datamodule.train_tokens)
 
     def _stop_if_diverged(self, loss: Tensor) -> None:
         """Raise before the optimizer step, so a non-finite loss never reaches the weights."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,7 +19,7 @@ def build_loggers(
 ) -> list[Logger]:
     """The configured logger; when resuming, it continues the run's W&B run and CSV log."""
     if cfg.kind == "wandb":
-        logger = WandbLogger(
+        logger = StepCountedWandbLogger(
             project=cfg.project,
             name=run_name,
             group=cfg.group,
@@ -37,6 +38,18 @@ def build_loggers(
     return []
 
 
+def without_whole_epochs(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Lightning adds its whole-epoch counter ``epoch`` to what it logs: 0 during a run, 1 once the fit
+    has ended, whatever the run's length. Runs here count steps and tokens; ``train/epochs`` (the
+    fraction of the training split seen) says how far through the data a run is."""
+    return {key: value for key, value in metrics.items() if key != "epoch"}
+
+
+class StepCountedWandbLogger(WandbLogger):
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+        super().log_metrics(without_whole_epochs(metrics), step)
+
+
 class ContinuingCSVLogger(CSVLogger):
     """``<run_dir>/csv/metrics.csv``, kept across a resume (Lightning's own logger deletes it).
 
@@ -49,6 +62,9 @@ class ContinuingCSVLogger(CSVLogger):
         # holds every step its last checkpoint covers.
         super().__init__(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)
         self.resumed_step = resumed_step
+
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+        super().log_metrics(without_whole_epochs(metrics), step)
 
     @property
     @rank_zero_experiment

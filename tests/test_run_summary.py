@@ -79,7 +79,8 @@ def test_the_final_val_loss_reuses_a_validation_at_the_last_step(tmp_path, corpu
     assert metrics["val_loss"] == pytest.approx(logged[-1][1])
     if not extra_pass:
         assert metrics["val_loss"] == metrics["val_history"][-1]["val_loss"]
-    # "epoch" is the fraction of the training split seen, not Lightning's whole epochs (1 after any fit).
-    epochs = [value for _, value in csv_column(tmp_path, "epoch")]
+    # The fraction of the training split seen; Lightning's whole-epoch counter (1 after any fit) is left out.
+    epochs = [value for _, value in csv_column(tmp_path, "train/epochs")]
     assert epochs == sorted(epochs) and 0 < epochs[-1] < 1
+    assert not csv_column(tmp_path, "epoch")
     assert epochs[-1] == pytest.approx(metrics["train_tokens"] / metrics["corpus_train_tokens"])

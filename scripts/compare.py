@@ -7,7 +7,7 @@ variant against the first with a 95% confidence interval paired by seed and a ve
 a winner only when the interval excludes zero, and val loss against tokens and against training
 time (a band over seeds); plus an expert-usage heatmap per MoE variant. All runs share a W&B group.
 
-    python scripts/compare.py                                   # dense, moe:4:1, moe:8:2: ~5 min on 2 CPU cores
+    python scripts/compare.py                                   # dense, moe:4:1, moe:8:2: 4.5 min on 2 CPU cores
     python scripts/compare.py experiment=dense_vs_moe_cpu       # the preset: a verdict with error bars, ~33 min
     python scripts/compare.py --variants dense,moe:8:2 --seeds 3 --budget tokens --budget time=5
     python scripts/compare.py --match total --variants dense,moe:8:2   # equal total instead of active parameters

@@ -25,7 +25,7 @@ import yaml
 
 from moe_gpt.compose import override_key
 from moe_gpt.config import ConfigError
-from moe_gpt.run_dir import has_checkpoints, read_record, run_outcome, write_json
+from moe_gpt.run_dir import FolderRefused, has_checkpoints, is_locked, read_record, run_outcome, write_json
 from moe_gpt.variants import Variant
 
 BUDGET_FORMAT = "'tokens' or 'time=<minutes>', e.g. --budget tokens --budget time=5"
@@ -79,7 +79,9 @@ class PlannedRun:
     overrides: list[str]  # train.py's overrides for this run (its folder and resume excepted)
 
 
-def plan_run(out_dir: Path, budget: Budget, variant: Variant, seed: int, base: list[str], steps: Optional[int]):
+def plan_run(
+    out_dir: Path, budget: Budget, variant: Variant, seed: int, base: list[str], steps: Optional[int]
+) -> PlannedRun:
     """One run; ``steps`` replaces trainer.max_steps (time budgets)."""
     overrides = [*base, *variant.overrides, f"seed={seed}"]
     if steps is not None:
@@ -108,6 +110,11 @@ def what_to_do(run: PlannedRun) -> str:
     or ``resume`` (interrupted or killed after a checkpoint)."""
     if not run.run_dir.is_dir():
         return "train"
+    if is_locked(run.run_dir):
+        raise FolderRefused(
+            f"a process is training in {run.run_dir} right now (a run left by a compare.py that was killed?); "
+            "wait for it to finish, then run the same command again"
+        )
     recorded = recorded_overrides(run.run_dir)
     if recorded is not None and by_key(recorded) != by_key(run.overrides):
         was, now = by_key(recorded), by_key(run.overrides)

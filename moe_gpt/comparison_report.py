@@ -10,10 +10,10 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from moe_gpt.comparison import Budget
-from moe_gpt.reporting import cell, markdown_table, percent, plot, write_csv, write_reported
+from moe_gpt.reporting import MFU_FORMAT, cell, markdown_table, plot, write_csv, write_reported
 from moe_gpt.verdict import paired_difference, spread, verdict
 
 # (key, title, format) for the one-seed table; "" formats are computed cells.
@@ -29,7 +29,7 @@ RUN_COLUMNS = [
     ("val_ppl", "val ppl", "{:.2f}"),
     ("held_out_loss", "held-out loss", "{:.4f}"),
     ("tokens_per_sec", "tokens/s", "{:.0f}"),
-    ("mfu", "MFU", "{:.1%}"),
+    ("mfu", "MFU", MFU_FORMAT),
     ("peak_memory_mb", "peak memory (MiB)", "{:.0f}"),
 ]
 CSV_COLUMNS = [
@@ -96,7 +96,11 @@ def aggregated_table(rows: list[dict], with_held_out: bool) -> str:
         line = [variant, f"{len(ok)}/{len(runs)}", f"{ok[0]['params_active'] / 1e6:.2f}"]
         line += [f"{mean(ok, 'steps'):.0f}", f"{mean(ok, 'train_seconds') / 60:.1f}", mean_and_std(ok, "val_loss")]
         line += [mean_and_std(ok, "held_out_loss")] if with_held_out else []
-        line += [f"{mean(ok, 'val_ppl'):.2f}", f"{mean(ok, 'tokens_per_sec'):.0f}", percent(mean(ok, "mfu")) or "n/a"]
+        line += [
+            f"{mean(ok, 'val_ppl'):.2f}",
+            f"{mean(ok, 'tokens_per_sec'):.0f}",
+            cell(mean(ok, "mfu"), MFU_FORMAT, missing="n/a"),
+        ]
         body.append(line)
     return markdown_table(header, body)
 
@@ -204,7 +208,3 @@ def write_report(rows: list[dict], budgets: list[Budget], out_dir: Path, context
         write_reported(out_dir / "report.csv", lambda path: write_csv(path, CSV_COLUMNS, rows)),
     ]
     return "\n\n".join(printed) + "\n\nwrote:\n" + "\n".join(written)
-
-
-def report_row(budget: Budget, variant_name: str, seed: int, outcome: dict[str, Any]) -> dict[str, Any]:
-    return {"budget": budget.name, "variant": variant_name, "seed": seed, **outcome}

@@ -12,7 +12,10 @@ import io
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
+
+
+MFU_FORMAT = "{:.1%}"  # model FLOPs utilisation, a fraction of the devices' peak
 
 
 def cell(value: Any, fmt: str = "{}", missing: str = "") -> str:
@@ -76,8 +79,3 @@ def png_bytes(draw, xlabel: str, ylabel: str, figsize: tuple[float, float], grid
     with plot(buffer, xlabel, ylabel, figsize, grid) as ax:
         draw(ax)
     return buffer.getvalue()
-
-
-def percent(value: Optional[float]) -> Optional[str]:
-    """A fraction as a percentage with one decimal (MFU), None when unknown."""
-    return None if value is None else f"{100 * value:.1f}%"

@@ -79,6 +79,15 @@ def folder_lock(folder: Path, busy_message: str) -> Iterator[None]:
         os.close(descriptor)  # releases the lock
 
 
+def is_locked(folder: Path) -> bool:
+    """Whether a live process holds ``folder``'s lock (a run training in it)."""
+    try:
+        with folder_lock(folder, busy_message=""):
+            return False
+    except FolderRefused:
+        return True
+
+
 @contextmanager
 def logging_to_file(run_dir: Path) -> Iterator[None]:
     """Also send every log record to ``run_dir/train.log`` (appended: a resumed run continues it)."""

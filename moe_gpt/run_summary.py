@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Optional
 
-from moe_gpt.reporting import percent, plot
+from moe_gpt.reporting import MFU_FORMAT, plot
 
 CURVES_FILE = "curves.png"
 SUMMARY_FILE = "summary.txt"
@@ -52,7 +52,7 @@ def _number(value: Optional[float], digits: int = 3, thousands: bool = False) ->
 
 
 def _mfu(value: Optional[float]) -> str:
-    return percent(value) or "n/a (no known peak)"
+    return "n/a (no known peak)" if value is None else MFU_FORMAT.format(value)
 
 
 def _duration(seconds: float) -> str:

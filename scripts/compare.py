@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -104,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except Interrupted as stop:
+        # Interrupted's own message speaks of one run's step; this process ran many.
+        name = signal.Signals(stop.signum).name
         print(
-            f"compare.py: {one_line(stop)}; run the same command again to go on (finished runs are kept)",
+            f"compare.py: stopped by {name}; run the same command again to go on (finished runs are kept)",
             file=sys.stderr,
         )
         sys.exit(stop.exit_code)
@@ -212,6 +216,7 @@ def train(run: PlannedRun) -> dict[str, Any]:
     if process.returncode != 0 and outcome["status"] == "incomplete":
         # Bad input writes no record (the run never claimed its folder): its last line says why.
         last = next((line for line in reversed(stderr.splitlines()) if line.strip()), "no output")
+        last = re.sub(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - ", "", last)  # the message, without the log line's prefix
         return {"status": "failed", "reason": last}
     return outcome
 
@@ -236,8 +241,9 @@ def train_and_report(
 def held_out(run_dir: Path, best: Path, eval_data, spec: str, run_config: RunConfig) -> float:
     """The best checkpoint's loss on the held-out corpus, kept in the run folder for re-runs."""
     path = run_dir / HELD_OUT_FILE
-    if path.is_file() and read_record(path).get("eval_data") == spec:
-        return read_record(path)["loss"]
+    cached = read_record(path) if path.is_file() else {}
+    if cached.get("eval_data") == spec:
+        return cached["loss"]
     result = held_out_loss(best, eval_data, run_config.trainer.limit_val_batches, run_config.trainer)
     write_json(path, {"eval_data": spec, "checkpoint": str(best), **result})
     return result["loss"]

@@ -23,7 +23,7 @@ import yaml
 
 from moe_gpt.config import ConfigError
 from moe_gpt.outcomes import EXIT_BAD_INPUT, ArgumentParser
-from moe_gpt.reporting import cell, markdown_table, plot, write_csv, write_reported
+from moe_gpt.reporting import MFU_FORMAT, cell, markdown_table, plot, write_csv, write_reported
 from moe_gpt.run_dir import run_outcome
 
 METRIC_COLUMNS = ["val_loss", "val_ppl", "params_total", "params_active", "tokens_per_sec", "mfu", "wall_time_s"]
@@ -34,7 +34,7 @@ CELL_FORMATS = {
     "val_loss": "{:.4f}",
     "val_ppl": "{:.1f}",
     "tokens_per_sec": "{:.0f}",  # training only: validation and sanity checks excluded
-    "mfu": "{:.1%}",  # empty where the device's peak is unknown (CPUs)
+    "mfu": MFU_FORMAT,  # empty where the device's peak is unknown (CPUs)
     "wall_time_s": "{:.1f}",
 }
 PLOTS = [

@@ -10,9 +10,17 @@ import time
 import pytest
 
 from moe_gpt.analysis import parameter_counts
+from moe_gpt.comparison import (
+    Budget,
+    parse_budgets,
+    plan_run,
+    seconds_per_step,
+    steps_for_minutes,
+    what_to_do,
+)
 from moe_gpt.compose import compose_run_config, merge_overrides
 from moe_gpt.config import ConfigError
-from moe_gpt.comparison import Budget, parse_budgets, plan_run, seconds_per_step, steps_for_minutes, what_to_do
+from moe_gpt.run_dir import folder_lock
 from moe_gpt.variants import parse_variant, parse_variants
 from tests.helpers import REPO, TINY
 
@@ -304,3 +312,28 @@ def test_a_comparison_refuses_a_folder_that_holds_a_run_with_other_settings(tmp_
         what_to_do(run)
     (run.run_dir / ".hydra" / "overrides.yaml").write_text("- trainer.max_steps=5\n- model=dense\n- seed=1\n")
     assert what_to_do(run) == "train"  # the same settings, nothing recorded yet
+
+
+def test_a_run_folder_in_use_stops_the_comparison_before_anything_trains(tmp_path):
+    run = plan_run(tmp_path, Budget("tokens"), parse_variant("dense", 128, "active"), 1, ["seed=1"], None)
+    with folder_lock(run.run_dir, busy_message="held by a run"):  # as a train.py left by a killed compare.py
+        with pytest.raises(ConfigError, match="a process is training in .* right now"):
+            what_to_do(run)
+    assert what_to_do(run) == "train"
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_to_resume_is_a_row_with_train_pys_one_line_reason(tmp_path, corpus_overrides):
+    out = tmp_path / "report"
+    args = ["--variants", "dense", *TINY, *corpus_overrides, "logger=none"]
+    first = subprocess.run(compare_command(out, *args), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = out / "tokens" / "dense" / "seed-1337"
+    (run_dir / "metrics.json").unlink()  # as if killed (-9) after its last checkpoint ...
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")  # ... which the disk then damaged
+
+    again = subprocess.run(compare_command(out, *args), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    [row] = report_rows(out)
+    assert row["status"] == "failed" and row["reason"].startswith("checkpoint "), row["reason"]  # no log prefix
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"not a checkpoint"  # left for the user

@@ -7,7 +7,7 @@ from dataclasses import MISSING, asdict, fields, is_dataclass
 
 import pytest
 import yaml
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import OmegaConf
 
 from moe_gpt.compose import compose_run_config
@@ -247,3 +247,9 @@ def test_every_yaml_key_has_a_comment():
     paths = sorted(CONFIGS.rglob("*.yaml"))
     assert len(paths) > 20
     assert [line for path in paths for line in uncommented_keys(path)] == []
+
+
+@pytest.mark.parametrize("group", ["experiment", "hparams_search"])
+def test_a_misspelled_preset_is_an_error_not_silently_the_default_run(group):
+    with pytest.raises(HydraException, match=f"Could not find '{group}/no_such_preset'"):
+        compose_run_config([f"{group}=no_such_preset"])

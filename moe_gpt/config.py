@@ -82,7 +82,7 @@ class MoEConfig:
     capacity_factor: Optional[float] = None  # slots per expert = ceil(factor * tokens * top_k / E); None: dropless
     eval_capacity_factor: Optional[float] = None  # the same outside training; None: capacity_factor
     num_shared_experts: int = 0  # always-on experts of hidden_size each, added to the routed ones (DeepSeekMoE)
-    experts_impl: str = "auto"  # auto | grouped_mm | blocked (moe_gpt/expert_kernels.py) | loop (the reference)
+    experts_impl: str = "auto"  # auto | grouped_mm | blocked (moe_gpt/model/expert_kernels.py) | loop (the reference)
     growth_noise: float = 0.01  # progressive growth (init_from fewer experts): copies get this relative noise
 
     def __post_init__(self) -> None:
@@ -165,7 +165,7 @@ class GPTConfig:
     use_moe: bool = True  # MoE layers as the FFNs (model=moe); False: the dense GPT-2 MLP in every block (model=dense)
     moe: MoEConfig = field(default_factory=MoEConfig)  # the MoE layers' settings, used when use_moe
     # Tokens per chunk when the training loss runs the output layer and cross-entropy together
-    # (moe_gpt/lm_loss.py), never holding the full (tokens x vocabulary) logits; 0: the plain path.
+    # (moe_gpt/model/lm_loss.py), never holding the full (tokens x vocabulary) logits; 0: the plain path.
     loss_chunk_size: int = 512
 
     def __post_init__(self) -> None:

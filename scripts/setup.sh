@@ -9,9 +9,10 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if ! cmp -s requirements.txt .venv/.requirements.installed; then
+# Reinstall when the pins or the package's metadata (its entry points) changed.
+if ! cat requirements.txt pyproject.toml | cmp -s - .venv/.requirements.installed; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .  # scripts import moe_gpt
-  cp requirements.txt .venv/.requirements.installed
+  cat requirements.txt pyproject.toml > .venv/.requirements.installed
 fi
 .venv/bin/python scripts/fetch_tokenizer.py

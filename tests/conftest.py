@@ -1,6 +1,6 @@
 """Shared test fixtures."""
 
-import importlib.util
+import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -107,7 +107,7 @@ def tiny_run_config(tiny_corpus) -> Callable[..., RunConfig]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_run_config) -> Path:
     """``last.ckpt`` of the tiny dense GPT-2 after 2 steps of the real Lightning Trainer."""
-    from moe_gpt.run import train
+    from moe_gpt.training.run import train
 
     run_dir = tmp_path_factory.mktemp("tiny_run")
     train(tiny_run_config(run_dir))
@@ -153,12 +153,5 @@ def corpus_overrides(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="session")
 def load_script() -> Callable[[str], ModuleType]:
-    """Factory: import ``scripts/<name>.py`` as a module, so its ``main(argv)`` runs in-process."""
-
-    def load(name: str) -> ModuleType:
-        spec = importlib.util.spec_from_file_location(f"script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    return load
+    """Factory: the module behind ``scripts/<name>.py`` (``moe_gpt.cli.<name>``), so its ``main(argv)`` runs in-process."""
+    return lambda name: importlib.import_module(f"moe_gpt.cli.{name}")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from moe_gpt.compose import compose_run_config
-from moe_gpt.run import train
+from moe_gpt.training.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moe_gpt.analysis import (
+from moe_gpt.model.analysis import (
     flops_per_token,
     memory_estimate,
     parameter_counts,
@@ -16,7 +16,7 @@ from moe_gpt.analysis import (
     routing_report,
 )
 from moe_gpt.config import GPTConfig, MoEConfig
-from moe_gpt.model import GPT
+from moe_gpt.model.gpt import GPT
 from tests.helpers import REPO, TINY, train_in_process
 
 

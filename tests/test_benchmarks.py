@@ -21,13 +21,13 @@ def run_script(name: str, *args: str, env: dict | None = None) -> str:
 
 
 def test_importing_the_package_changes_no_environment_variable():
-    probe = "import os; before = dict(os.environ); import moe_gpt.model, moe_gpt.run; print(dict(os.environ) == before)"
+    probe = "import os; before = dict(os.environ); import moe_gpt.model.gpt, moe_gpt.training.run; print(dict(os.environ) == before)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "True"
 
 
 def test_keeping_freed_memory_applies_on_linux_unless_turned_off():
-    probe = "from moe_gpt.cpu_memory import reuse_freed_cpu_memory; print(reuse_freed_cpu_memory())"
+    probe = "from moe_gpt.training.cpu_memory import reuse_freed_cpu_memory; print(reuse_freed_cpu_memory())"
     for value, expected in (("1", "True"), ("0", "False")):
         env = {**os.environ, "MOE_GPT_KEEP_FREED_MEMORY": value}
         out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True, cwd=REPO)

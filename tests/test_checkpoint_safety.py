@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_gpt.checkpoints import load_model
+from moe_gpt.weights.safe_load import load_model
 from moe_gpt.config import ConfigError, GPTConfig
-from moe_gpt.model import GPT
+from moe_gpt.model.gpt import GPT
 from tests.helpers import REPO, TINY, error_lines, run_train_cli
 
 

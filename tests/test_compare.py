@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from moe_gpt.analysis import parameter_counts
-from moe_gpt.comparison import (
+from moe_gpt.model.analysis import parameter_counts
+from moe_gpt.compare.plan import (
     Budget,
     parse_budgets,
     plan_run,
@@ -20,8 +20,8 @@ from moe_gpt.comparison import (
 )
 from moe_gpt.compose import compose_run_config, merge_overrides
 from moe_gpt.config import ConfigError
-from moe_gpt.run_dir import folder_lock
-from moe_gpt.variants import parse_variant, parse_variants
+from moe_gpt.training.run_folder import folder_lock
+from moe_gpt.compare.variants import parse_variant, parse_variants
 from tests.helpers import REPO, TINY
 
 

@@ -2,8 +2,8 @@
 
 import csv
 
-from moe_gpt.comparison import Budget
-from moe_gpt.comparison_report import ReportContext, write_report
+from moe_gpt.compare.plan import Budget
+from moe_gpt.compare.report import ReportContext, write_report
 
 BUDGETS = [Budget("tokens"), Budget("time", 2.0)]
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moe_gpt.config import GPTConfig, MoEConfig
-from moe_gpt.expert_usage import usage_heatmap_png, usage_stats
-from moe_gpt.moe import MoELayer
+from moe_gpt.training.expert_usage import usage_heatmap_png, usage_stats
+from moe_gpt.model.moe import MoELayer
 
 
 def layer_with_counts(counts: list[float]) -> MoELayer:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from moe_gpt.outcomes import Diverged
-from moe_gpt.run_dir import write_json
+from moe_gpt.errors import Diverged
+from moe_gpt.training.run_folder import write_json
 from tests.helpers import (
     TINY,
     csv_column,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from moe_gpt.config import ConfigError, GPTConfig, MoEConfig
-from moe_gpt.generate import generate, keep_top_k, keep_top_p, next_token_logits
-from moe_gpt.model import GPT
+from moe_gpt.model.generate import generate, keep_top_k, keep_top_p, next_token_logits
+from moe_gpt.model.gpt import GPT
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "data" / "tokenizer"

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_gpt.checkpoints import load_model
+from moe_gpt.weights.safe_load import load_model
 from moe_gpt.config import ConfigError, GPTConfig, MoEConfig
-from moe_gpt.grow import check_growable, grow_experts
-from moe_gpt.init_from import check_compatible, initial_weights
-from moe_gpt.model import GPT
-from moe_gpt.run import train
+from moe_gpt.weights.grow import check_growable, grow_experts
+from moe_gpt.weights.init_from import check_compatible, initial_weights
+from moe_gpt.model.gpt import GPT
+from moe_gpt.training.run import train
 
 TINY = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32, use_moe=True)
 # conftest's tiny_run_config model, made MoE with 2 experts: what the trained source checkpoint holds.
@@ -194,7 +194,7 @@ def lm_loss(model: GPT) -> float:
 
 def test_init_from_a_trained_moe_grows_it_with_the_same_loss(trained_moe_checkpoint, tiny_run_config, tmp_path, caplog):
     cfg = tiny_run_config(tmp_path, model=moe_run(4, 2, growth_noise=0.0), init_from=str(trained_moe_checkpoint))
-    with caplog.at_level(logging.INFO, logger="moe_gpt.init_from"):
+    with caplog.at_level(logging.INFO, logger="moe_gpt.weights.init_from"):
         state = initial_weights(cfg)
     assert "growing its 2 experts per MoE layer into 4 (each split into 2 copies" in caplog.text
     model = GPT(cfg.model)
@@ -222,7 +222,7 @@ def test_switching_to_a_noisy_aux_free_router_trains_from_the_moe_weights(
 ):
     run = moe_run(2, 1, router="noisy", load_balance="aux_free")
     cfg = tiny_run_config(tmp_path, model=run, init_from=str(trained_moe_checkpoint))
-    with caplog.at_level(logging.INFO, logger="moe_gpt.grow"):
+    with caplog.at_level(logging.INFO, logger="moe_gpt.weights.grow"):
         state = initial_weights(cfg)
     assert "mlp.router.noise.weight, mlp.router.selection_bias start from a fresh init" in caplog.text
     assert state.keys() == GPT(run).state_dict().keys()
@@ -230,7 +230,7 @@ def test_switching_to_a_noisy_aux_free_router_trains_from_the_moe_weights(
     assert state["transformer.h.0.mlp.router.noise.weight"].std().item() == pytest.approx(0.02, rel=0.3)
     source = load_model(trained_moe_checkpoint).state_dict()
     assert all(torch.equal(state[key], tensor) for key, tensor in source.items())
-    assert train(cfg)["steps"] == 2  # run.py's strict load takes the state dict
+    assert train(cfg)["steps"] == 2  # training/run.py's strict load takes the state dict
 
 
 @pytest.mark.parametrize("settings", [{"router": "noisy"}, {"load_balance": "aux_free"}])
@@ -238,7 +238,7 @@ def test_router_extras_the_run_lacks_are_dropped(tiny_run_config, tmp_path, capl
     source_model = GPT(moe_run(2, 1, **settings))
     source = save_as_checkpoint(source_model, tmp_path / "source.ckpt")
     run = moe_run(2, 1)  # softmax, switch: neither noise weights nor a selection bias
-    with caplog.at_level(logging.INFO, logger="moe_gpt.grow"):
+    with caplog.at_level(logging.INFO, logger="moe_gpt.weights.grow"):
         state = initial_weights(tiny_run_config(tmp_path / "run", model=run, init_from=str(source)))
     assert "dropped its mlp.router." in caplog.text
     assert state.keys() == GPT(run).state_dict().keys()

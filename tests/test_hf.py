@@ -7,8 +7,8 @@ import torch
 from transformers import BertConfig, GPT2Config, GPT2LMHeadModel
 
 from moe_gpt.config import ConfigError, GPTConfig
-from moe_gpt.hf import LAYER_NORM_EPS, export_hf_gpt2, load_hf_gpt2
-from moe_gpt.model import GPT
+from moe_gpt.weights.hf import LAYER_NORM_EPS, export_hf_gpt2, load_hf_gpt2
+from moe_gpt.model.gpt import GPT
 
 GPT2_VOCAB = 50257
 # Trained GPT-2's logits are strongly negative; zero logits of padded vocabulary rows would then

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from moe_gpt.config import GPTConfig, OptimConfig
-from moe_gpt.lit_module import GPTLightningModule, _refuse_non_finite_weights
-from moe_gpt.lm_loss import IGNORE_INDEX
-from moe_gpt.outcomes import Diverged
+from moe_gpt.training.lit_module import GPTLightningModule, _refuse_non_finite_weights
+from moe_gpt.model.lm_loss import IGNORE_INDEX
+from moe_gpt.errors import Diverged
 
 
 def test_validation_averages_over_the_targets_that_count():

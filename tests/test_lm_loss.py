@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_gpt.config import GPTConfig, MoEConfig
-from moe_gpt.lm_loss import IGNORE_INDEX, chunked_lm_loss
-from moe_gpt.model import GPT
+from moe_gpt.model.lm_loss import IGNORE_INDEX, chunked_lm_loss
+from moe_gpt.model.gpt import GPT
 
 VOCAB = 96
 GPT2_VOCAB, GPT2_PADDED_VOCAB = 50257, 50304

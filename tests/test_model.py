@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from moe_gpt.config import GPTConfig, MoEConfig
-from moe_gpt.intermediate import to_jsonable
-from moe_gpt.model import GPT, MLP, Block
-from moe_gpt.moe import MoELayer
+from moe_gpt.model.intermediate import to_jsonable
+from moe_gpt.model.gpt import GPT, MLP, Block
+from moe_gpt.model.moe import MoELayer
 
 GPT2_VOCAB = 50257  # padded to 50304 inside the model
 

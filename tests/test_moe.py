@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moe_gpt.config import ACTIVATIONS, GPTConfig, MoEConfig
-from moe_gpt.intermediate import to_jsonable
-from moe_gpt.moe import (
+from moe_gpt.model.intermediate import to_jsonable
+from moe_gpt.model.moe import (
     Experts,
     MoELayer,
     Router,

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from moe_gpt.config import ConfigError, GPTConfig, MoEConfig
-from moe_gpt.dispatch import plan_dispatch
-from moe_gpt.expert_usage import stats_from_counters, usage_counters
-from moe_gpt.model import GPT, MLP
-from moe_gpt.moe import MoELayer, reference_moe_forward
-from moe_gpt.routers import Router
+from moe_gpt.model.dispatch import plan_dispatch
+from moe_gpt.training.expert_usage import stats_from_counters, usage_counters
+from moe_gpt.model.gpt import GPT, MLP
+from moe_gpt.model.moe import MoELayer, reference_moe_forward
+from moe_gpt.model.routers import Router
 
 D = 32
 

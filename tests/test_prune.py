@@ -16,21 +16,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_gpt.analysis import routing_report
-from moe_gpt.checkpoints import load_model, model_config, read_checkpoint
+from moe_gpt.model.analysis import routing_report
+from moe_gpt.weights.safe_load import load_model, model_config, read_checkpoint
 from moe_gpt.compose import compose_run_config, merge_overrides
 from moe_gpt.config import ConfigError, GPTConfig, MoEConfig
-from moe_gpt.init_from import initial_weights
-from moe_gpt.model import GPT
-from moe_gpt.prune import (
+from moe_gpt.weights.init_from import initial_weights
+from moe_gpt.model.gpt import GPT
+from moe_gpt.weights.prune import (
     PER_EXPERT_KEYS,
     experts_to_keep,
     measure,
     prune_experts,
     pruned_checkpoint,
 )
-from moe_gpt.resume import Resume, saved_overrides
-from moe_gpt.run import RunRecord, train
+from moe_gpt.training.resume import Resume, saved_overrides
+from moe_gpt.training.run import RunRecord, train
 from tests.helpers import REPO, TINY, error_lines, folder_state, run_train_cli
 
 SCRIPT = REPO / "scripts" / "prune_experts.py"
@@ -161,7 +161,7 @@ def test_top_k_and_min_experts_per_token_shrink_to_what_is_left_and_train_mode_s
 )
 def test_group_limited_routing_stays_only_where_the_kept_experts_still_form_the_groups(kept, groups, reason, caplog):
     model = GPT(small(num_groups=2, topk_groups=1, top_k=1))
-    with caplog.at_level(logging.WARNING, logger="moe_gpt.prune"):
+    with caplog.at_level(logging.WARNING, logger="moe_gpt.weights.prune"):
         pruned = prune_experts(model, kept)
     assert (pruned.config.moe.num_groups, pruned.config.moe.topk_groups) == groups
     if reason is None:

@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from moe_gpt.outcomes import Interrupted
-from moe_gpt.preemption import stop_signals_raise
+from moe_gpt.errors import Interrupted
+from moe_gpt.training.preemption import stop_signals_raise
 from tests.helpers import (
     REPO,
     TINY,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_gpt.run_summary import summary_text
+from moe_gpt.training.summary import summary_text
 from tests.helpers import TINY, csv_column, run_train_cli, train_in_process
 
 

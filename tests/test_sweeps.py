@@ -81,7 +81,7 @@ def test_unexpected_error_in_a_single_run_keeps_its_traceback_and_is_recorded(tm
     # A bug cannot be asked for from the command line, so one is planted: train() raises, under the real Hydra CLI.
     args = [*TINY, *SHORT, *corpus_overrides, f"hydra.run.dir={tmp_path}"]
     planted = (
-        "import runpy, sys; import moe_gpt.run as run\n"
+        "import runpy, sys; import moe_gpt.training.run as run\n"
         "def train(*args, **kwargs): raise RuntimeError('planted bug\\nsecond line')\n"
         f"run.train = train; sys.argv = ['train.py', *{args!r}]\n"
         f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')"
@@ -94,7 +94,7 @@ def test_unexpected_error_in_a_single_run_keeps_its_traceback_and_is_recorded(tm
 
 
 def test_a_diverged_run_is_the_worst_objective_never_nan():
-    from train import (
+    from moe_gpt.cli.train import (
         sweep_objective,  # hydra-optuna-sweeper ends the whole study on a NaN
     )
 

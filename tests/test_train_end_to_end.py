@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from moe_gpt.checkpoints import load_model
+from moe_gpt.weights.safe_load import load_model
 from tests.helpers import REPO, TINY, run_train_cli, train_in_process
 
 

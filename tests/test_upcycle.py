@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from moe_gpt.checkpoints import load_model
+from moe_gpt.weights.safe_load import load_model
 from moe_gpt.compose import compose_run_config
 from moe_gpt.config import ConfigError, GPTConfig, MoEConfig, TrainerConfig
-from moe_gpt.init_from import check_compatible, initial_weights
-from moe_gpt.model import GPT, MLP
-from moe_gpt.run import train
-from moe_gpt.upcycle import upcycle
+from moe_gpt.weights.init_from import check_compatible, initial_weights
+from moe_gpt.model.gpt import GPT, MLP
+from moe_gpt.training.run import train
+from moe_gpt.weights.upcycle import upcycle
 
 TINY = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32, use_moe=False)
 # The run model of conftest's tiny_run_config, made MoE: the size of the hf_gpt2_dir and tiny_checkpoint models.
@@ -136,7 +136,7 @@ def test_missing_init_from_source_is_a_one_line_error(tiny_run_config, tmp_path)
 def test_init_from_is_ignored_with_a_log_line_when_resuming(hf_gpt2_dir, tiny_run_config, tiny_checkpoint, tmp_path, caplog):
     trainer = TrainerConfig(accelerator="cpu", devices=1, max_steps=3, val_check_interval=3, limit_val_batches=1)
     cfg = tiny_run_config(tmp_path, init_from=str(hf_gpt2_dir), resume=str(tiny_checkpoint), trainer=trainer)
-    with caplog.at_level(logging.WARNING, logger="moe_gpt.run"):
+    with caplog.at_level(logging.WARNING, logger="moe_gpt.training.run"):
         assert train(cfg)["steps"] == 3  # continued the checkpoint's 2 steps
     assert f"init_from={hf_gpt2_dir} ignored: resuming" in caplog.text
 

@@ -6,7 +6,7 @@ import random
 import pytest
 from scipy.stats import t as student_t
 
-from moe_gpt.verdict import paired_difference, spread, verdict
+from moe_gpt.compare.verdict import paired_difference, spread, verdict
 
 
 def noisy(values: list[float], scale: float, seed: int) -> list[float]:

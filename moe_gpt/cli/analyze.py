@@ -1,0 +1,89 @@
+"""Analysis from the command line: what a config costs, and how a checkpoint routes a text.
+
+    python scripts/analyze.py config model.moe.num_experts=16 model.moe.top_k=1   # any train.py overrides
+    python scripts/analyze.py routing --checkpoint outputs/moe/.../checkpoints/best.ckpt --text "def main():"
+    python scripts/analyze.py routing --checkpoint ... --text-file notes.txt --intermediate > routing.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from hydra.errors import HydraException
+
+from moe_gpt.model.analysis import (
+    flops_per_token,
+    memory_estimate,
+    parameter_counts,
+    recommended_settings,
+    routing_report,
+)
+from moe_gpt.weights.safe_load import load_model
+from moe_gpt.compose import compose_run_config
+from moe_gpt.config import ConfigError, config_warnings, project_path
+from moe_gpt.training.cpu_memory import reuse_freed_cpu_memory
+from moe_gpt.data import DataError, load_gpt2_tokenizer
+from moe_gpt.model.intermediate import to_jsonable
+from moe_gpt.errors import EXIT_BAD_INPUT, one_line
+from moe_gpt.cli.common import ArgumentParser
+
+
+def analyze_config(args: argparse.Namespace) -> None:
+    run = compose_run_config(args.overrides)
+    batch_size = args.batch_size or run.data.batch_size
+    report = {
+        "model": "moe" if run.model.use_moe else "dense",
+        **parameter_counts(run.model),
+        **flops_per_token(run.model),
+        "memory_estimate": {
+            "batch_size": batch_size,
+            "precision": run.trainer.precision,
+            **memory_estimate(run.model, batch_size, run.trainer.precision),
+        },
+        "warnings": config_warnings(run.model),
+        "advice": recommended_settings(run.model),
+    }
+    print(json.dumps(report, indent=2))
+
+
+def analyze_routing(args: argparse.Namespace) -> None:
+    text = Path(args.text_file).read_text() if args.text_file else args.text
+    if not text:
+        raise ConfigError("routing needs --text or --text-file with some text")
+    model = load_model(args.checkpoint)
+    if not model.moe_layers():
+        raise ConfigError(f"{args.checkpoint} is a dense model: it has no routing to report")
+    ids = load_gpt2_tokenizer(project_path(args.tokenizer_dir)).encode_ordinary(text)[: model.config.block_size]
+    report = routing_report(model, torch.tensor([ids]), include_intermediate=args.intermediate)
+    print(json.dumps(to_jsonable(report), indent=2))
+
+
+def main() -> None:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    config = commands.add_parser("config", help="parameters, FLOPs per token, memory estimate and advice for a config")
+    config.add_argument("overrides", nargs="*", help="train.py overrides, e.g. model=dense model/size=gpt2_small")
+    config.add_argument("--batch-size", type=int, default=None, help="default: data.batch_size")
+    config.set_defaults(run=analyze_config)
+    routing = commands.add_parser("routing", help="per-layer routing of a text through a checkpoint")
+    routing.add_argument("--checkpoint", required=True)
+    routing.add_argument("--text", default=None)
+    routing.add_argument("--text-file", default=None)
+    routing.add_argument("--tokenizer-dir", default="data/tokenizer", help="relative paths count from the project root")
+    routing.add_argument("--intermediate", action="store_true", help="include the full intermediate data")
+    routing.set_defaults(run=analyze_routing)
+    args = parser.parse_args()
+    reuse_freed_cpu_memory()
+    try:
+        args.run(args)
+    except (ConfigError, DataError, HydraException) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""What a run prints: each Lightning message once, no advertisements, an 80-column step progress bar."""
+
+import logging
+import warnings
+from datetime import timedelta
+
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import BatchesProcessedColumn, CustomBarColumn
+from rich.progress import ProgressColumn, Task, TextColumn
+from rich.text import Text
+
+# Lightning's info lines that advertise other products; nothing in them is about this run.
+_ADVERT_PREFIX = "💡 Tip:"
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_ADVERT_PREFIX)
+
+
+def tidy_lightning_logging() -> None:
+    """Call after Hydra has configured logging (inside the task function).
+
+    The ``lightning`` package gives its logger a console handler of its own *and* lets records
+    propagate to the root logger that Hydra configures, so every Lightning message appeared twice.
+    Without its handler, each message goes through Hydra's handlers once: the console and train.log.
+    """
+    lightning_logger = logging.getLogger("lightning")
+    for handler in list(lightning_logger.handlers):
+        lightning_logger.removeHandler(handler)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
+    # Lightning 2.6 calling an API that torch 2.13 deprecated: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # torchdata 0.11's StatefulDataLoader calling an API that torch 2.13 deprecated: the same.
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+    # Lightning warns whenever checkpoints/ is not empty, resumes included; run_folder.py decides who writes there.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+class RemainingTimeColumn(ProgressColumn):
+    """``eta 0:01:05``: the time left (the elapsed time is in train.log's timestamps)."""
+
+    max_refresh = 0.5  # no jitter
+
+    def __init__(self, style: str):
+        self.style = style
+        super().__init__()
+
+    def render(self, task: Task) -> Text:
+        remaining = task.time_remaining
+        return Text(
+            "eta " + ("-:--:--" if remaining is None else str(timedelta(seconds=int(remaining)))), style=self.style
+        )
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich bar in 80 columns: ``train ━━━━━━━━━━━━ 120/250 eta 0:01:05 loss: 3.812 tok/s: 2,216 val: 3.922``.
+
+    Only the step, the time left, the training loss, tokens/s and the last validation loss are shown
+    (no ``v_num``, no epoch: runs end at ``max_steps``); everything else goes to the loggers.
+    """
+
+    SHOWN = {
+        "train/loss": ("loss", "{:.3f}"),
+        "train/tokens_per_sec": ("tok/s", "{:,.0f}"),
+        "val/loss": ("val", "{:.3f}"),
+    }
+    BAR_WIDTH = 12
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, str]:
+        metrics = super().get_metrics(trainer, pl_module)
+        return {label: fmt.format(float(metrics[key])) for key, (label, fmt) in self.SHOWN.items() if key in metrics}
+
+    def configure_columns(self, trainer) -> list:
+        return [
+            TextColumn("[progress.description]{task.description}"),
+            CustomBarColumn(
+                bar_width=self.BAR_WIDTH,
+                complete_style=self.theme.progress_bar,
+                finished_style=self.theme.progress_bar_finished,
+                pulse_style=self.theme.progress_bar_pulse,
+            ),
+            BatchesProcessedColumn(style=self.theme.batch_progress),
+            RemainingTimeColumn(style=self.theme.time),
+        ]
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "train"

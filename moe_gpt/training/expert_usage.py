@@ -1,0 +1,119 @@
+"""Expert-usage statistics: computed from the routing counts the MoE layers keep, logged by a callback."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+
+from moe_gpt.model.moe import MoELayer
+from moe_gpt.reporting import png_bytes
+
+
+def usage_counters(layer: MoELayer) -> Tensor:
+    """One layer's routing counters as one row: token-slots per expert, dropped slots, router entropy sum,
+    routed tokens."""
+    scalars = [layer.dropped_slots, layer.router_entropy_sum, layer.routed_tokens]
+    return torch.cat([layer.tokens_per_expert.float(), *(value.float()[None] for value in scalars)])
+
+
+def usage_stats(layer: MoELayer) -> dict[str, float | list[float]]:
+    """Share of token-slots per expert, router entropy and max-load violation since the last reset."""
+    return stats_from_counters(usage_counters(layer))
+
+
+def stats_from_counters(counters: Tensor) -> dict[str, float | list[float]]:
+    counts, dropped, entropy_sum, routed = counters[:-3], counters[-3], counters[-2], counters[-1]
+    slots = counts.sum().clamp_min(1)
+    share = (counts / slots).tolist()
+    entropy = (entropy_sum / routed.clamp_min(1)).item()
+    return {
+        "experts_per_token": (counts.sum() / routed.clamp_min(1)).item(),  # top_k, or fewer with top_p
+        "dropped_fraction": (dropped / slots).item(),  # slots over an expert's capacity
+        "share": share,
+        # max share / mean share - 1: 0 when balanced; E/k - 1 when every token picks the same k experts.
+        "max_load_violation": max(share) * len(share) - 1,
+        "router_entropy": entropy,
+        "router_entropy_ratio": entropy / math.log(len(share)) if len(share) > 1 else 1.0,
+    }
+
+
+def usage_heatmap_png(shares: list[list[float]]) -> bytes:
+    """A layer x expert image of token shares, as PNG bytes."""
+
+    def draw(ax) -> None:
+        image = ax.imshow(shares, cmap="viridis", vmin=0.0, aspect="auto")
+        ax.set_xticks(range(len(shares[0])))
+        ax.set_yticks(range(len(shares)))
+        ax.figure.colorbar(image, ax=ax, label="share of token-slots")
+
+    size = (1.2 + 0.45 * len(shares[0]), 1.0 + 0.45 * len(shares))
+    return png_bytes(draw, "expert", "MoE layer", size, grid=False)
+
+
+LAYER_METRICS = (
+    "max_load_violation",
+    "router_entropy",
+    "router_entropy_ratio",
+    "experts_per_token",
+    "dropped_fraction",
+)
+
+
+class ExpertUsageLogger(L.Callback):
+    """Every N optimizer steps, logs each MoE layer's usage; every M steps a heatmap to W&B."""
+
+    def __init__(self, every_n_steps: int, heatmap_every_n_steps: int):
+        self.every_n_steps = every_n_steps
+        self.heatmap_every_n_steps = heatmap_every_n_steps
+        self._last_logged_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        layers = pl_module.model.moe_layers()
+        if not layers or step % self.every_n_steps != 0 or step == self._last_logged_step:
+            return
+        self._last_logged_step = step
+        # Summed over every process: each rank only counts the tokens of its own batches.
+        counters = trainer.strategy.reduce(torch.stack([usage_counters(layer) for layer in layers]), reduce_op="sum")
+        stats = [stats_from_counters(row) for row in counters]
+        for layer, layer_stats in zip(layers, stats):
+            if layer.router.selection_bias is not None:  # aux_free: the same on every process
+                layer_stats["selection_bias"] = layer.router.selection_bias.tolist()
+        # Straight to the loggers: self.log would hold these until Lightning's own log interval.
+        for logger in trainer.loggers:
+            logger.log_metrics(self._flatten(stats), step=step)
+        for layer in layers:
+            layer.reset_usage()
+        if step % self.heatmap_every_n_steps == 0:
+            self._log_heatmap(trainer, [s["share"] for s in stats])
+
+    @staticmethod
+    def _flatten(stats: list[dict]) -> dict[str, float]:
+        metrics = {}
+        for index, layer_stats in enumerate(stats):
+            prefix = f"moe/layer{index}"
+            for expert, share in enumerate(layer_stats["share"]):
+                metrics[f"{prefix}/expert{expert}_share"] = share
+            for key in LAYER_METRICS:
+                metrics[f"{prefix}/{key}"] = layer_stats[key]
+            for expert, bias in enumerate(layer_stats.get("selection_bias", [])):
+                metrics[f"{prefix}/expert{expert}_bias"] = bias
+        metrics["moe/max_load_violation"] = max(s["max_load_violation"] for s in stats)
+        metrics["moe/dropped_fraction"] = sum(s["dropped_fraction"] for s in stats) / len(stats)
+        metrics["moe/experts_per_token"] = sum(s["experts_per_token"] for s in stats) / len(stats)
+        metrics["moe/router_entropy_ratio"] = sum(s["router_entropy_ratio"] for s in stats) / len(stats)
+        return metrics
+
+    @staticmethod
+    def _log_heatmap(trainer: L.Trainer, shares: list[list[float]]) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                from PIL import Image
+
+                image = Image.open(io.BytesIO(usage_heatmap_png(shares)))
+                logger.log_image(key="moe/usage_heatmap", images=[image], step=trainer.global_step)

@@ -1,0 +1,256 @@
+"""The Lightning wrapper: losses and their logging, divergence checks, AdamW, warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from moe_gpt.model.analysis import flops_per_token
+from moe_gpt.config import GPTConfig, OptimConfig
+from moe_gpt.model.lm_loss import IGNORE_INDEX
+from moe_gpt.model.gpt import GPT
+from moe_gpt.errors import Diverged
+
+log = logging.getLogger(__name__)
+
+
+class GPTLightningModule(L.LightningModule):
+    def __init__(self, model_config: GPTConfig, optim_config: OptimConfig, max_steps: int):
+        super().__init__()
+        # Plain dicts in the checkpoint, so loading one never needs this code's dataclasses pickled.
+        self.save_hyperparameters(
+            {"model_config": asdict(model_config), "optim_config": asdict(optim_config), "max_steps": max_steps}
+        )
+        self.optim_config = optim_config
+        self.max_steps = max_steps
+        self.model = GPT(model_config)
+        self.val_loss = MeanMetric()
+        # Progress that must survive a resume: saved in and restored from checkpoints.
+        self.tokens_seen = 0  # training tokens, all processes together
+        self.val_history: list[dict[str, float]] = []  # one entry per validation during fit
+        self.train_history: list[dict[str, float]] = []  # training loss every log_every_n_steps steps
+        self._seconds_before_this_fit = 0.0  # training wall time of earlier sessions of this run
+        self.start_step = 0  # global step this fit started from (non-zero when resumed)
+        self.tokens_at_start = 0
+        self._fit_started = time.perf_counter()
+        self._validation_seconds = 0.0  # validation inside this fit session, not training time
+        self._validation_started: float | None = None
+        self._training_ended: float | None = None
+        self._last_batch_end = None
+        self._tokens_per_batch = 0  # per process, set by the first training batch
+        self.train_flops_per_token = flops_per_token(model_config)["train_flops_per_token"]
+        # One sequence through forward() lets Lightning's model summary report FLOPs and sizes.
+        self.example_input_array = torch.zeros(1, model_config.block_size, dtype=torch.long)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Logits for token ids (B, T); training and validation steps call the GPT directly."""
+        return self.model(idx).logits
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds this run has spent training so far, earlier sessions included, validation excluded
+        (the x axis of loss-against-time curves and what a time budget counts)."""
+        return self._seconds_before_this_fit + self.session_training_seconds
+
+    @property
+    def session_training_seconds(self) -> float:
+        """Seconds this session spent training: from the start of training to its end, without its
+        validations, the one running now included (and without the setup and sanity check before it)."""
+        now = time.perf_counter()
+        end = self._training_ended if self._training_ended is not None else now
+        validating = now - self._validation_started if self._validation_started is not None else 0.0
+        return end - self._fit_started - self._validation_seconds - validating
+
+    def on_train_end(self) -> None:
+        self._training_ended = time.perf_counter()  # later work (a final validate()) is not training
+
+    @property
+    def flops_per_batch(self) -> int:
+        """Training FLOPs of one batch on all processes together, for Lightning's ThroughputMonitor (and MFU)."""
+        return self.train_flops_per_token * self._tokens_per_batch * self.trainer.world_size
+
+    def on_train_start(self) -> None:
+        self.start_step = self.trainer.global_step
+        self.tokens_at_start = self.tokens_seen
+        self._fit_started = time.perf_counter()
+        self._validation_seconds = 0.0
+        self._apply_optim_config()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        self._tokens_per_batch = x.numel()
+        out = self.model(x, y)
+        self._stop_if_diverged(out.loss)
+        # Counted here, not at batch end: callbacks that checkpoint at batch end run before the module's hook.
+        self.tokens_seen += x.numel() * self.trainer.world_size  # every process trained on a batch this size
+        # Averaged over the processes (each saw as many tokens): the loss of the whole step's batch.
+        self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
+        losses = {"train/lm_loss": out.lm_loss, "train/aux_loss": out.aux_loss, "train/z_loss": out.z_loss}
+        self.log_dict(losses, sync_dist=True)
+        self._log_epochs()
+        return out.loss
+
+    def _log_epochs(self) -> None:
+        """Passes over the training split so far, as a fraction (0.03 after a few steps); the loggers
+        leave out Lightning's whole-epoch counter (moe_gpt/training/loggers.py)."""
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and datamodule.train_tokens:
+            self.log("train/epochs", self.tokens_seen / datamodule.train_tokens)
+
+    def _stop_if_diverged(self, loss: Tensor) -> None:
+        """Raise before the optimizer step, so a non-finite loss never reaches the weights."""
+        finite = bool(torch.isfinite(loss))
+        # Every process must stop together, or the others would wait forever for its gradients.
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            step = self.trainer.global_step + 1
+            raise Diverged(
+                f"training diverged: the loss is {loss.item()} at step {step}; lower optim.lr (now {self.optim_config.lr}) "
+                "or raise optim.warmup_steps; the checkpoints keep the last finite weights",
+                step,
+            )
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """aux_free balancing: every MoE layer moves its selection bias by this step's load.
+
+        Once per optimizer step (after all accumulated batches), with the load summed over
+        processes so every process applies the same update.
+        """
+        layers = [layer for layer in self.model.moe_layers() if layer.router.selection_bias is not None]
+        if not layers:
+            return
+        loads = torch.stack([layer.load_since_bias_update for layer in layers])
+        loads = self.trainer.strategy.reduce(loads, reduce_op="sum") if self.trainer.world_size > 1 else loads
+        for layer, load in zip(layers, loads):
+            layer.update_selection_bias(load)
+
+    def on_train_batch_end(self, outputs, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._record_train_loss(outputs["loss"])
+        tokens = batch[0].numel() * self.trainer.world_size
+        # Wall time between consecutive batch ends covers data loading and the optimizer step.
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            self.log("train/tokens_per_sec", tokens / (now - self._last_batch_end), prog_bar=True)
+        self._last_batch_end = now
+
+    def _record_train_loss(self, loss: Tensor) -> None:
+        """For curves.png: the loss of the step's last batch (averaged over processes), every log interval."""
+        step = self.trainer.global_step
+        recorded = self.train_history[-1]["step"] if self.train_history else -1
+        if step == recorded or step % self.trainer.log_every_n_steps != 0:
+            return
+        if self.trainer.world_size > 1:
+            loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+        self.train_history.append({"step": step, "tokens": self.tokens_seen, "loss": loss.item()})
+
+    def on_validation_start(self) -> None:
+        self._last_batch_end = None  # the pause for validation is not training throughput
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._validation_started = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        if self._validation_started is not None:
+            self._validation_seconds += time.perf_counter() - self._validation_started
+            self._validation_started = None
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        # Pure language-model cross-entropy (the router losses never enter val/loss), averaged
+        # over the targets that count: lm_loss is already a mean over them.
+        self.val_loss.update(self.model(x, y).lm_loss, weight=(y != IGNORE_INDEX).sum())
+
+    def on_validation_epoch_end(self) -> None:
+        val_loss = self.val_loss.compute()  # over every process's batches
+        self.val_loss.reset()
+        self.log_dict({"val/loss": val_loss, "val/ppl": torch.exp(val_loss)}, prog_bar=True, sync_dist=True)
+        self._log_epochs()
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            # For loss-against-tokens and loss-against-time curves (scripts/compare.py).
+            self.val_history.append(
+                {
+                    "step": self.trainer.global_step,
+                    "tokens": self.tokens_seen,
+                    "seconds": self.train_seconds,
+                    "val_loss": val_loss.item(),
+                }
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _refuse_non_finite_weights(checkpoint["state_dict"], self.trainer.global_step)
+        checkpoint["progress"] = {
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "val_history": list(self.val_history),
+            "train_history": list(self.train_history),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        progress = checkpoint.get("progress", {})
+        self.tokens_seen = progress.get("tokens_seen", 0)
+        self._seconds_before_this_fit = progress.get("train_seconds", 0.0)
+        self.val_history = list(progress.get("val_history", []))
+        self.train_history = list(progress.get("train_history", []))
+
+    def configure_optimizers(self):
+        cfg = self.optim_config
+        # Matrices (linear and embedding weights) decay; biases and LayerNorm gains do not.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=self.device.type == "cuda"
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _apply_optim_config(self) -> None:
+        """Make the optimizer follow this run's ``optim`` settings, also after a resume.
+
+        A resumed optimizer and scheduler come back with the values of the run that saved them, so
+        ``optim.lr=...`` on the command line would be silently ignored. Here the configured values
+        win, and a change is logged. (warmup_steps, min_lr_ratio and max_steps need nothing: the
+        schedule reads them from the config at every step.)
+        """
+        cfg = self.optim_config
+        optimizer, schedule = self.optimizers(use_pl_optimizer=False), self.lr_schedulers()
+        changes = set()
+        for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
+            wanted = {"initial_lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": decay}
+            for key, value in wanted.items():
+                if group[key] != value:
+                    changes.add(f"{key} {group[key]} -> {value}")
+                    group[key] = value
+            group["lr"] = cfg.lr * self._lr_factor(schedule.last_epoch)
+        schedule.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        if changes:
+            log.info("resumed optimizer follows this run's optim settings: %s", ", ".join(sorted(changes)))
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps."""
+        cfg = self.optim_config
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, self.max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _refuse_non_finite_weights(state_dict: dict[str, Tensor], step: int) -> None:
+    """No checkpoint may hold NaN or inf: best.ckpt and last.ckpt keep the last finite state instead."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise Diverged(
+                f"training diverged: {name} holds non-finite values at step {step}; lower optim.lr or raise "
+                "optim.warmup_steps; the checkpoints keep the last finite weights",
+                step,
+            )

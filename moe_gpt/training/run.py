@@ -1,0 +1,238 @@
+"""One training run: claim the folder, build the data, model, loggers and trainer, fit, summarise."""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.loggers import WandbLogger
+
+from moe_gpt.training.checkpoint_callbacks import LastCheckpoint, RNGStateCallback, RunRecordCallback
+from moe_gpt.config import ConfigError, RunConfig, run_warnings
+from moe_gpt.training.console import StepProgressBar
+from moe_gpt.data import TokenDataModule
+from moe_gpt.data.tokenizer import GPT2_N_VOCAB
+from moe_gpt.training.expert_usage import ExpertUsageLogger
+from moe_gpt.weights.init_from import initial_weights
+from moe_gpt.training.lit_module import GPTLightningModule
+from moe_gpt.training.loggers import build_loggers
+from moe_gpt.training.preemption import StopAtStepEnd, stop_signals_raise
+from moe_gpt.training.resume import Resume, check_resumable, find_resume
+from moe_gpt.training.run_folder import claimed, is_global_zero, logging_to_file, write_json
+from moe_gpt.training.summary import CURVES_FILE, SUMMARY_FILE, summary_text, write_curves_png
+from moe_gpt.training.trainer import build_trainer
+
+log = logging.getLogger(__name__)
+THROUGHPUT_WINDOW_BATCHES = 10  # batches the logged tokens/s and MFU average over
+# Lightning precision setting -> the dtype its matmuls run in, for the peak-FLOPs table.
+MATMUL_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "bf16": torch.bfloat16,
+                 "16-mixed": torch.float16, "16-true": torch.float16, "16": torch.float16}  # fmt: skip
+
+
+@dataclass
+class RunRecord:
+    """What a checkpoint remembers of the command that made it, so ``resume=last`` can rebuild it."""
+
+    overrides: list[str] = field(default_factory=list)  # Hydra's task overrides
+    resolved_config: Optional[dict[str, Any]] = None  # what W&B shows; default: the RunConfig as a dict
+    save_config_files: Optional[Callable[[Path], None]] = None  # train.py writes Hydra's .hydra/ files
+    claimed: bool = False  # set once the folder is this run's: only then may a failure be recorded in it
+
+
+def train(cfg: RunConfig, record: Optional[RunRecord] = None) -> dict[str, Any]:
+    """Train one model and write ``metrics.json`` into the run directory; returns the metrics."""
+    record = record or RunRecord()
+    run_dir = Path(cfg.run_dir)
+    with ExitStack() as stack:
+        stack.enter_context(stop_signals_raise())  # until training starts, a stop signal stops at once
+        resume = find_resume(cfg.resume, run_dir)  # before any data: a bad checkpoint fails fast
+        if resume is not None:
+            check_resumable(resume, cfg)
+        check_vocabulary(cfg)
+        if is_global_zero():
+            stack.enter_context(claimed(run_dir, resuming=resume is not None))
+            record.claimed = True
+            stack.enter_context(logging_to_file(run_dir))
+            if record.save_config_files is not None:
+                record.save_config_files(run_dir)
+        return _train_in_claimed_dir(cfg, record, resume)
+
+
+def check_vocabulary(cfg: RunConfig) -> None:
+    if cfg.model.vocab_size < GPT2_N_VOCAB:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_N_VOCAB} token ids; "
+            f"set model.vocab_size={GPT2_N_VOCAB}"
+        )
+
+
+def _train_in_claimed_dir(cfg: RunConfig, record: RunRecord, resume: Optional[Resume]) -> dict[str, Any]:
+    started = time.perf_counter()
+    run_dir = Path(cfg.run_dir)
+    log_run_warnings(cfg, resume)
+    L.seed_everything(cfg.seed, workers=True)
+    init_state = initial_weights(cfg) if resume is None else None  # before the data: a bad init_from fails fast
+
+    datamodule = TokenDataModule(cfg.data, block_size=cfg.model.block_size, seed=cfg.seed)
+    module = GPTLightningModule(cfg.model, cfg.optim, max_steps=cfg.trainer.max_steps)
+    if init_state is not None:
+        module.model.load_state_dict(init_state)
+    if cfg.compile:
+        module.model.compile()  # in place: the checkpoint keeps the plain model's keys
+    model_kind = "moe" if cfg.model.use_moe else "dense"
+    wandb_id = continued_wandb_id(resume, run_dir)
+    config_to_log = record.resolved_config or asdict(cfg)
+    resumed_step = resume.step if resume is not None else None
+    loggers = build_loggers(cfg.logger, run_dir, f"{model_kind}-{run_dir.name}", config_to_log, wandb_id, resumed_step)
+    best = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1
+    )
+    run_record = {"overrides": record.overrides, "config": asdict(cfg), "wandb_id": wandb_id}
+    trainer = build_trainer(cfg, loggers, run_callbacks(cfg, best, run_record, with_lr_monitor=bool(loggers)))
+    warn_if_world_size_changed(resume, trainer)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
+        val_loss = final_validation_loss(trainer, module, datamodule)
+    finally:
+        if any(isinstance(logger, WandbLogger) for logger in loggers):
+            import wandb
+
+            wandb.finish()
+
+    metrics = summarize(cfg, module, datamodule, trainer, val_loss, time.perf_counter() - started)
+    metrics["model"] = model_kind
+    metrics["best_val_loss"] = float(best.best_model_score) if best.best_model_score is not None else None
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", metrics)
+        write_curves_png(run_dir / CURVES_FILE, module.train_history, module.val_history)
+        summary = summary_text(metrics, run_dir, cfg.logger.kind)
+        (run_dir / SUMMARY_FILE).write_text(summary + "\n")
+        print(summary, flush=True)
+    return metrics
+
+
+def final_validation_loss(trainer: L.Trainer, module: GPTLightningModule, datamodule: TokenDataModule) -> float:
+    """The val loss at the last step: the fit's own validation when one ran there, else one more pass.
+
+    (Every process takes the same branch: each keeps the same val_history.)
+    """
+    last = module.val_history[-1] if module.val_history else None
+    if last is not None and last["step"] == trainer.global_step:
+        return last["val_loss"]
+    return trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
+
+
+def log_run_warnings(cfg: RunConfig, resume: Optional[Resume]) -> None:
+    for warning in run_warnings(cfg):
+        log.warning(warning)
+    if resume is not None and resume.requeued:
+        log.info("requeued SLURM job: resuming from %s", resume.path)
+    if resume is not None and cfg.init_from is not None:
+        log.warning("init_from=%s ignored: resuming from %s, whose weights win", cfg.init_from, resume.path)
+
+
+def run_callbacks(
+    cfg: RunConfig, best: ModelCheckpoint, run_record: dict[str, Any], with_lr_monitor: bool
+) -> list[L.Callback]:
+    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    callbacks = [
+        best,
+        LastCheckpoint(last, cfg.checkpoint.every_n_steps),
+        StopAtStepEnd(last),
+        RunRecordCallback(run_record),
+        RNGStateCallback(),
+        ExpertUsageLogger(cfg.logger.expert_stats_every_n_steps, cfg.logger.heatmap_every_n_steps),
+        StepProgressBar(),
+    ]
+    if not with_lr_monitor:  # no logger: nothing to log throughput or learning rate to
+        return callbacks
+    # Tokens/s and, on GPUs in Lightning's peak-FLOPs table, MFU: logged as train/device/items_per_sec,
+    # train/device/mfu (and totals over processes), over a window of batches, validation time excluded.
+    throughput = ThroughputMonitor(
+        batch_size_fn=lambda batch: batch[0].shape[0],
+        length_fn=lambda batch: batch[0].numel(),
+        window_size=THROUGHPUT_WINDOW_BATCHES,
+    )
+    return callbacks + [LearningRateMonitor(logging_interval="step"), throughput]
+
+
+def warn_if_world_size_changed(resume: Optional[Resume], trainer: L.Trainer) -> None:
+    saved = resume.record.get("world_size", trainer.world_size) if resume is not None else trainer.world_size
+    if saved != trainer.world_size:
+        log.warning(
+            "resuming a run of %d process(es) with %d: training continues, but not exactly as it would have "
+            "(the data position was saved per process)",
+            saved,
+            trainer.world_size,
+        )
+
+
+def continued_wandb_id(resume: Optional[Resume], run_dir: Path) -> str:
+    """The W&B run id: the resumed run's when its checkpoint is from this folder (one W&B run per folder)."""
+    if resume is not None and resume.path.resolve().parent.parent == run_dir.resolve():
+        saved = resume.record.get("wandb_id")
+        if saved:
+            return saved
+    return secrets.token_hex(4)  # W&B's own ids are 8 characters too
+
+
+def summarize(
+    cfg: RunConfig,
+    module: GPTLightningModule,
+    datamodule: TokenDataModule,
+    trainer: L.Trainer,
+    val_loss: float,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    training_seconds = module.session_training_seconds
+    tokens_per_sec = (module.tokens_seen - module.tokens_at_start) / training_seconds  # this session, no validation
+    return {
+        "val_loss": val_loss,
+        "val_ppl": perplexity(val_loss),
+        "train_tokens": module.tokens_seen,  # all processes, all sessions of a resumed run
+        "steps": trainer.global_step,
+        "world_size": trainer.world_size,
+        "params_total": module.model.num_parameters(),
+        "params_active": module.model.num_active_parameters(),
+        "tokens_per_sec": tokens_per_sec,
+        "train_seconds": module.train_seconds,  # all sessions, validation excluded
+        "mfu": model_flops_utilization(module.train_flops_per_token * tokens_per_sec, trainer, cfg.trainer.precision),
+        "wall_time_s": wall_seconds,
+        "peak_memory_mb": peak_memory_mb(),
+        "corpus": cfg.data.name,
+        "corpus_train_tokens": datamodule.train_tokens,
+        "val_history": module.val_history,
+    }
+
+
+def model_flops_utilization(flops_per_sec: float, trainer: L.Trainer, precision: str) -> Optional[float]:
+    """Achieved training FLOP/s over the devices' peak (Lightning's table); None where the peak is unknown (CPUs)."""
+    dtype = MATMUL_DTYPES.get(precision, torch.float32)
+    peak = get_available_flops(trainer.strategy.root_device, dtype)
+    return None if not peak else flops_per_sec / (peak * trainer.world_size)
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:  # a loss above ~709 nats; written as null in metrics.json
+        return math.inf
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated when on CUDA, else this process's peak resident memory."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,0 +1,157 @@
+"""The run folder: who may write into it, and the records a run leaves there.
+
+A run claims its folder before writing anything: a folder holding checkpoints is refused unless
+the run resumes, and a lock keeps a second live run out. Only then are the resolved config
+(``.hydra/``), the log file (``train.log``) and later ``metrics.json`` or ``failure.json`` written,
+and only by the process of global rank zero (the other processes of a multi-process run share the
+folder). Records are strict JSON (no NaN), written atomically.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+from moe_gpt.config import ConfigError
+from moe_gpt.errors import Interrupted
+
+LOCK_FILE = ".lock"
+LOG_FILE = "train.log"
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
+
+log = logging.getLogger(__name__)
+
+
+class FolderRefused(ConfigError):
+    """The run folder belongs to another run; nothing was written into it."""
+
+
+def is_global_zero() -> bool:
+    """Rank zero of a multi-process run, known from the environment before Lightning starts.
+
+    torchrun sets RANK, SLURM sets SLURM_PROCID, Lightning's launcher sets LOCAL_RANK and NODE_RANK
+    for the processes it starts; a plain single process has none of them.
+    """
+    return all(int(os.environ.get(name, "0") or 0) == 0 for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    checkpoints = run_dir / "checkpoints"
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
+
+
+@contextmanager
+def claimed(run_dir: Path, resuming: bool) -> Iterator[None]:
+    """Hold ``run_dir`` for this run: refuse another run's checkpoints, and lock out a second live run."""
+    if not resuming and has_checkpoints(run_dir):
+        raise FolderRefused(
+            f"{run_dir / 'checkpoints'} already holds checkpoints; pass resume=last to continue that run "
+            "or choose another hydra.run.dir"
+        )
+    with folder_lock(
+        run_dir,
+        f"another run is training in {run_dir} right now; wait for it to finish or choose another hydra.run.dir",
+    ):
+        yield
+
+
+@contextmanager
+def folder_lock(folder: Path, busy_message: str) -> Iterator[None]:
+    """An ``flock`` on ``folder/.lock`` for as long as the block runs; ``busy_message`` when another
+    process holds it. The kernel drops it when the process ends, even on kill -9, so a crash never
+    leaves the folder locked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderRefused(busy_message) from None
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def is_locked(folder: Path) -> bool:
+    """Whether a live process holds ``folder``'s lock (a run training in it)."""
+    try:
+        with folder_lock(folder, busy_message=""):
+            return False
+    except FolderRefused:
+        return True
+
+
+@contextmanager
+def logging_to_file(run_dir: Path) -> Iterator[None]:
+    """Also send every log record to ``run_dir/train.log`` (appended: a resumed run continues it)."""
+    handler = logging.FileHandler(run_dir / LOG_FILE)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: such a number is written as null (recursively)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """Strict JSON, written to a temporary file and renamed, so a reader never sees half a file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(finite_or_none(record), indent=2, allow_nan=False) + "\n")
+    os.replace(temporary, path)
+
+
+def record_failure(run_dir: Path, error: BaseException, overrides: list[str], step: Optional[int] = None) -> None:
+    """``failure.json``: why the run stopped (``status`` failed or interrupted), for people and sweep summaries."""
+    path = run_dir / "failure.json"
+    if path.exists():
+        log.warning("replacing %s, left by an earlier attempt in this directory", path)
+    lines = str(error).strip().splitlines()
+    record = {
+        "status": "interrupted" if isinstance(error, Interrupted) else "failed",
+        "error_type": type(error).__name__,
+        "reason": lines[0] if lines else type(error).__name__,
+        "step": step,
+        "overrides": overrides,
+    }
+    write_json(path, record)
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}); was the run killed while writing it?") from None
+
+
+def run_outcome(run_dir: Path) -> dict[str, Any]:
+    """How the run in ``run_dir`` ended, from the records it left: status ``ok`` (with the metrics),
+    ``failed`` or ``interrupted`` (with the reason), or ``incomplete`` (no record: still running,
+    killed or timed out). The newer record wins when an earlier attempt left the other."""
+    recorded = [path for path in (run_dir / "metrics.json", run_dir / "failure.json") if path.is_file()]
+    if not recorded:
+        return {"status": "incomplete", "reason": "no metrics.json or failure.json: still running, killed or timed out"}
+    latest = max(recorded, key=lambda path: path.stat().st_mtime)
+    if latest.name == "failure.json":
+        failure = read_record(latest)
+        return {"status": failure.get("status", "failed"), "reason": f"{failure['error_type']}: {failure['reason']}"}
+    return {"status": "ok", **read_record(latest)}

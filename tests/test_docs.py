@@ -1,0 +1,62 @@
+"""The defaults the README and docs/configuration.md state are the config's defaults, and their links resolve."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from moe_gpt.config import MoEConfig, RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+README_WORDS = " ".join(README.split())  # sentences wrap across lines
+CONFIGURATION = (REPO / "docs" / "configuration.md").read_text()
+
+
+def test_the_readme_describes_the_default_run_the_config_trains():
+    run = RunConfig()
+    model, moe = run.model, run.model.moe
+    assert run.model.use_moe
+    assert f"a {model.n_layer}-layer, {model.n_embd}-wide GPT-2 with {moe.num_experts} experts (top-{moe.top_k})" in README_WORDS
+    tokens_per_step = run.data.batch_size * model.block_size
+    assert f"for {run.trainer.max_steps} steps of {tokens_per_step:,} tokens" in README_WORDS
+    assert f"{run.trainer.max_steps * tokens_per_step:,} training tokens" in README_WORDS
+
+
+def test_the_readme_stays_short():
+    assert len(README.splitlines()) <= 300
+
+
+def moe_key_table() -> dict[str, str]:
+    """``<key>`` -> the default docs/configuration.md's MoE table states for ``model.moe.<key>``.
+
+    A row may document several keys (```model.moe.num_groups`, `topk_groups```) with one default each
+    (``1, 1``); ``null → 4·n_embd`` and ``null (dropless)`` both state None.
+    """
+    defaults = {}
+    for line in CONFIGURATION.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or not cells[0].startswith("`model.moe."):
+            continue
+        keys = [key.removeprefix("model.moe.") for key in re.findall(r"`([\w.]+)`", cells[0])]
+        values = [value.split("→")[0].split("(")[0].strip() for value in cells[1].split(",")]
+        assert len(values) == len(keys), f"docs/configuration.md: {cells[0]} needs one default per key"
+        defaults.update(zip(keys, values))
+    return defaults
+
+
+def test_every_moe_default_in_the_configuration_doc_is_the_configs():
+    table = moe_key_table()
+    assert len(table) >= 20, "the MoE key table of docs/configuration.md was not found"
+    for key, documented in table.items():
+        actual = getattr(MoEConfig(), key)
+        expected = "null" if actual is None else str(actual).lower()
+        assert documented == expected, f"docs/configuration.md says model.moe.{key} defaults to {documented}, the config {expected}"
+
+
+@pytest.mark.parametrize("document", ["README.md", *[f"docs/{p.name}" for p in sorted((REPO / "docs").glob("*.md"))], "CHANGELOG.md"])
+def test_every_relative_link_and_image_resolves(document):
+    path = REPO / document
+    for target in re.findall(r"\]\(([^)#\s]+)\)", path.read_text()):
+        if "://" not in target:
+            assert (path.parent / target).exists(), f"{document} links to {target}, which does not exist"

@@ -287,7 +287,7 @@ def test_activation_changes_the_output():
     assert not torch.allclose(outputs["swish"], outputs["tanh"])
 
 
-def test_intermediate_holds_the_design_fields_and_serialises():
+def test_intermediate_holds_every_routing_field_and_serialises():
     layer = make_layer(num_experts=4, top_k=2)
     out, _, data = layer(torch.randn(2, 5, 32), return_intermediate=True)
     assert data["gate_scores"].shape == (10, 4)

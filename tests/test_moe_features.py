@@ -1,4 +1,4 @@
-"""The MoE options of issue 8, each against an independent oracle: routers, group-limited and dynamic
+"""The MoE options, each against an independent oracle: routers, group-limited and dynamic
 routing, aux-loss-free balancing, capacity, shared experts, first_k_dense and the expert implementations."""
 
 import math

@@ -1,7 +1,8 @@
 """GPT-2 with a switchable feed-forward network: dense MLP or Mixture-of-Experts per block.
 
-Module names (wte, wpe, h, ln_1, attn.c_attn, mlp.c_fc, ...) follow GPT-2's state dict, so
-pretrained weights load through a short rename table.
+Module names (wte, wpe, h, ln_1, attn.c_attn, mlp.c_fc, ...) equal GPT-2's state-dict keys, so
+pretrained weights load without renaming: weights/hf.py only transposes the Conv1D projections
+(Hugging Face stores them as (in, out), nn.Linear as (out, in)) and pads the vocabulary rows.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class BlockOutput:
     z_loss: Optional[Tensor] = None
 
     def __iter__(self):
-        # The design's tuple form: x, cache, intermediate = block(x, ...)
+        # Unpacks as a tuple too: x, cache, intermediate = block(x, ...)
         return iter((self.x, self.cache, self.intermediate))
 
 
@@ -162,7 +163,7 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.block_size={self.config.block_size}")
         if last_logits_only and targets is not None:
-            raise ValueError("last_logits_only is for sampling: the loss needs every position's logits, pass no targets")
+            raise ValueError("last_logits_only is for sampling: the loss needs every position, pass no targets")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         outputs = []

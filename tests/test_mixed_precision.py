@@ -75,7 +75,7 @@ def training_losses(tiny_run_config, run_dir, precision: str) -> list[float]:
         run_dir,
         model=GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, use_moe=True, moe=moe),
         trainer=TrainerConfig(
-            accelerator="cpu", devices=1, precision=precision, max_steps=6, val_check_interval=6,
+            accelerator="cpu", devices=1, precision=precision, max_steps=4, val_check_interval=4,
             limit_val_batches=1, log_every_n_steps=1,
         ),
         logger=LoggerConfig(kind="csv"),
@@ -84,17 +84,10 @@ def training_losses(tiny_run_config, run_dir, precision: str) -> list[float]:
     return [loss for _, loss in csv_column(run_dir, "train/loss")]
 
 
-@pytest.fixture(scope="module")
-def float32_first_loss(tiny_run_config, tmp_path_factory) -> float:
-    return training_losses(tiny_run_config, tmp_path_factory.mktemp("fp32"), "32-true")[0]
-
-
-# On the CPU Lightning runs 16-mixed as bf16-mixed (with a warning): both must train.
+# On the CPU Lightning runs 16-mixed as bf16-mixed (with a warning): both must train. The layer
+# tests above compare the numbers with float32; here the whole run must stay finite and learn.
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_mixed_precision_training_through_narrow_experts_lowers_a_finite_loss(
-    precision, tiny_run_config, tmp_path, float32_first_loss
-):
+def test_mixed_precision_training_through_narrow_experts_lowers_a_finite_loss(precision, tiny_run_config, tmp_path):
     losses = training_losses(tiny_run_config, tmp_path, precision)
-    assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
-    assert losses[0] == pytest.approx(float32_first_loss, abs=0.05)  # same weights and batch as the float32 run
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0]

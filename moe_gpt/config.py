@@ -22,6 +22,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Lightning's precision settings (its aliases 32, 16, bf16 and 64 included).
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+# The experts' activations, the one list of their names: model/expert_kernels.py keys its kernels by it.
 ACTIVATIONS = ("gelu", "relu", "swish", "tanh")
 LOAD_BALANCE_TYPES = ("switch", "variance", "aux_free", "none")
 ROUTERS = ("softmax", "noisy", "sigmoid")
@@ -75,7 +76,7 @@ class MoEConfig:
     topk_groups: int = 1  # ... and each token picks experts only inside its best topk_groups groups
     top_p: Optional[float] = None  # dynamic routing: experts in order of probability until their sum reaches p
     min_experts_per_token: int = 1  # with top_p: never fewer experts than this
-    load_balance: str = "switch"  # switch (E * sum_i f_i P_i) | variance (design's) | aux_free | none
+    load_balance: str = "switch"  # switch (E * sum_i f_i P_i) | variance (of mean probs around 1/E) | aux_free | none
     aux_loss_coef: float = 0.01  # weight of the load-balance loss (with aux_free: of an added switch loss)
     z_loss_coef: float = 0.001  # weight of the router z-loss in the training loss
     bias_update_rate: float = 0.001  # aux_free: step of the per-expert selection bias per optimizer step
@@ -216,7 +217,7 @@ class GPTConfig:
 
 
 def config_warnings(config: GPTConfig) -> list[str]:
-    """Settings that run but are probably not what the user wants (the design's validator)."""
+    """Settings that run but are probably not what the user wants."""
     if not config.use_moe:
         return []
     moe, warnings = config.moe, []

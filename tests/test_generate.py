@@ -61,6 +61,22 @@ def test_greedy_output_is_the_same_with_and_without_the_cache_past_block_size(us
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+def test_generation_projects_only_the_sampled_position_to_logits(use_cache):
+    model, idx = tiny_model(use_moe=True), prompt()
+    positions_per_call = []
+    model.lm_head.register_forward_hook(lambda module, args, out: positions_per_call.append(args[0].shape[1]))
+    generate(model, idx, max_new_tokens=20, temperature=0, use_cache=use_cache)  # prefill, steps, refills past 16
+    assert positions_per_call == [1] * 20
+
+
+def test_last_logits_only_are_the_full_passes_last_logits_and_refuse_targets():
+    model, idx = tiny_model(use_moe=True), prompt()
+    torch.testing.assert_close(model(idx, last_logits_only=True).logits, model(idx).logits[:, -1:])
+    with pytest.raises(ValueError, match="pass no targets"):
+        model(idx, targets=idx, last_logits_only=True)
+
+
 @pytest.mark.parametrize("use_moe", [False, True], ids=["dense", "moe"])
 def test_seeded_sampling_is_reproducible_and_the_seed_matters(use_moe):
     model, idx = tiny_model(use_moe), prompt()

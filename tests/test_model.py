@@ -112,7 +112,7 @@ def test_active_parameters_count_top_k_of_e_experts():
     assert dense.num_parameters() == dense.num_active_parameters()
 
 
-def test_block_returns_design_tuple_with_moe_intermediate():
+def test_block_unpacks_as_x_cache_intermediate_with_moe_intermediate():
     block = Block(tiny(), layer_index=0)
     x, cache, intermediate = block(torch.randn(2, 5, 32), use_cache=True, return_intermediate=True)
     assert x.shape == (2, 5, 32)

@@ -1,6 +1,7 @@
 """The MoE layer on its own: router, dispatch, experts, losses and usage statistics."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -39,34 +40,121 @@ def test_expert_forward_maps_tokens_to_model_width():
     torch.testing.assert_close(out, expected + experts.c_proj_bias[1])
 
 
-def test_gate_probabilities_sum_to_one():
-    router = Router(32, MoEConfig(num_experts=8, top_k=2, normalize_top_k=True))
-    route = router(torch.randn(50, 32))
-    torch.testing.assert_close(route.probs_TE.sum(-1), torch.ones(50))
-    assert (route.probs_TE >= 0).all()
+# ---------------------------------------------------------------- routing against a plain-Python oracle
+ROUTERS = ["softmax", "noisy", "sigmoid"]  # noisy in eval mode: its noise is off, so the oracle is exact
+ROUTING = {
+    "plain": {},
+    "aux_free": {"load_balance": "aux_free"},
+    "groups": {"num_groups": 4, "topk_groups": 2},
+    "aux_free+groups": {"load_balance": "aux_free", "num_groups": 4, "topk_groups": 2},
+}
 
 
-def test_topk_indices_are_in_range_and_distinct():
-    router = Router(32, MoEConfig(num_experts=8, top_k=3, normalize_top_k=True))
-    idx = router(torch.randn(200, 32)).topk_idx_TK
-    assert idx.shape == (200, 3)
-    assert idx.min() >= 0 and idx.max() < 8
-    assert all(len(set(row)) == 3 for row in idx.tolist())
+def oracle_router(kind: str, routing: str, **moe) -> Router:
+    torch.manual_seed(0)
+    router = Router(32, MoEConfig(num_experts=16, router=kind, **ROUTING[routing], **moe)).eval()
+    torch.nn.init.normal_(router.gate.weight, std=0.5)
+    if router.selection_bias is not None:  # large enough to reorder the experts of most tokens
+        router.selection_bias.copy_(torch.randn(16, generator=torch.Generator().manual_seed(3)) * 0.3)
+    return router
 
 
-def test_topk_indices_pick_the_largest_probabilities():
-    router = Router(32, MoEConfig(num_experts=8, top_k=2, normalize_top_k=False))
-    route = router(torch.randn(100, 32))
-    chosen = route.probs_TE.gather(1, route.topk_idx_TK).min(-1).values
-    unchosen = route.probs_TE.scatter(1, route.topk_idx_TK, -1.0).max(-1).values
-    assert (chosen >= unchosen).all()
-    torch.testing.assert_close(route.topk_scores_TK, route.probs_TE.gather(1, route.topk_idx_TK))
+def oracle_scores(kind: str, logits: list[float]) -> tuple[list[float], list[float]]:
+    """Scores (what weights are made of) and probabilities, from one token's logits."""
+    if kind == "sigmoid":
+        scores = [1 / (1 + math.exp(-v)) for v in logits]
+    else:
+        scores = [math.exp(v) / sum(math.exp(u) for u in logits) for v in logits]
+    return scores, [v / sum(scores) for v in scores]
 
 
-def test_topk_weights_sum_to_one():
-    router = Router(32, MoEConfig(num_experts=8, top_k=2, normalize_top_k=True))
-    scores = router(torch.randn(100, 32)).topk_scores_TK
-    torch.testing.assert_close(scores.sum(-1), torch.ones(100))
+def oracle_candidates(router: Router, scores: list[float]) -> list[int]:
+    """top_k experts by score + bias, inside the topk_groups groups whose two best sum highest; best first."""
+    bias = [0.0] * len(scores) if router.selection_bias is None else router.selection_bias.tolist()
+    selection = [s + b for s, b in zip(scores, bias)]
+    size = len(selection) // router.num_groups
+    group_score = [sum(sorted(selection[g * size : (g + 1) * size])[-2:]) for g in range(router.num_groups)]
+    best_groups = sorted(range(router.num_groups), key=lambda g: -group_score[g])[: router.topk_groups]
+    inside = [e for e in range(len(selection)) if e // size in best_groups]
+    return sorted(inside, key=lambda e: -selection[e])[: router.top_k]
+
+
+def oracle_used(candidates: list[int], probs: list[float], top_p: float, min_experts: int) -> set[int]:
+    """Candidates in descending probability until their probability reaches top_p, at least min_experts."""
+    used, mass = set(), 0.0
+    for rank, expert in enumerate(sorted(candidates, key=lambda e: -probs[e])):
+        if mass >= top_p and rank >= min_experts:
+            break
+        used.add(expert)
+        mass += probs[expert]
+    return used
+
+
+@pytest.mark.parametrize("routing", ROUTING)
+@pytest.mark.parametrize("kind", ROUTERS)
+def test_router_chooses_the_top_k_selection_scores_and_renormalises_their_weights(kind, routing):
+    router = oracle_router(kind, routing, top_k=3)
+    x = torch.randn(100, 32)
+    route = router(x)
+    for t, logits in enumerate(route.logits_TE.double().tolist()):
+        scores, probs = oracle_scores(kind, logits)
+        chosen = oracle_candidates(router, scores)
+        assert route.topk_idx_TK[t].tolist() == chosen
+        expected = torch.tensor([scores[e] / sum(scores[e] for e in chosen) for e in chosen])
+        torch.testing.assert_close(route.topk_scores_TK[t], expected.float())
+        torch.testing.assert_close(route.probs_TE[t], torch.tensor(probs).float())
+
+
+@pytest.mark.parametrize("top_p,min_experts", [(0.3, 1), (0.5, 2), (1.0, 1)])
+@pytest.mark.parametrize("routing", ROUTING)
+@pytest.mark.parametrize("kind", ROUTERS)
+def test_top_p_keeps_the_most_probable_candidates_until_their_mass_reaches_p(kind, routing, top_p, min_experts):
+    router = oracle_router(kind, routing, top_k=4, top_p=top_p, min_experts_per_token=min_experts)
+    x = torch.randn(100, 32)
+    route = router(x)
+    used_TK = torch.ones_like(route.topk_idx_TK, dtype=torch.bool) if route.slot_used_TK is None else route.slot_used_TK
+    for t, logits in enumerate(route.logits_TE.double().tolist()):
+        scores, probs = oracle_scores(kind, logits)
+        candidates = oracle_candidates(router, scores)
+        used = oracle_used(candidates, probs, top_p, min_experts)
+        assert route.topk_idx_TK[t].tolist() == candidates
+        assert set(route.topk_idx_TK[t][used_TK[t]].tolist()) == used
+        expected = torch.tensor([scores[e] / sum(scores[e] for e in used) if e in used else 0.0 for e in candidates])
+        torch.testing.assert_close(route.topk_scores_TK[t], expected.float())
+    if top_p == 1.0:  # exactly top-k routing
+        assert route.slot_used_TK is None
+
+
+def test_the_selection_bias_puts_candidates_out_of_probability_order():
+    """Otherwise the top_p oracle test above could not tell selection order from probability order."""
+    route = oracle_router("softmax", "aux_free", top_k=4)(torch.randn(100, 32))
+    chosen_probs_TK = route.probs_TE.gather(1, route.topk_idx_TK)
+    assert (chosen_probs_TK.diff(dim=-1) > 0).any(dim=-1).sum() > 10
+
+
+# Logits far below zero: every sigmoid, or every chosen softmax probability, underflows to 0.
+EXTREME_LOGITS = [[-200.0] * 4, [-1e4] * 4, [0.0, 0.0, -1e4, -1e4], [-1e4, 30.0, -200.0, -1e4]]
+
+
+@pytest.mark.parametrize("top_p", [None, 0.5])
+@pytest.mark.parametrize("bias", [None, [0.0, 0.0, 2.0, 2.0]], ids=["no_bias", "bias_to_underflowed"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("kind", ROUTERS)
+def test_extreme_logits_give_finite_weights_probabilities_and_gradients(kind, normalize, bias, top_p):
+    balance = "switch" if bias is None else "aux_free"
+    moe = MoEConfig(num_experts=4, top_k=2, router=kind, normalize_top_k=normalize, top_p=top_p, load_balance=balance)
+    router = Router(4, moe).eval()
+    torch.nn.init.eye_(router.gate.weight)  # the input rows are the logits
+    if bias is not None:
+        router.selection_bias.copy_(torch.tensor(bias))
+    x = torch.tensor(EXTREME_LOGITS, requires_grad=True)
+    route = router(x)
+    assert torch.isfinite(route.topk_scores_TK).all() and torch.isfinite(route.probs_TE).all()
+    torch.testing.assert_close(route.probs_TE.sum(-1), torch.ones(4))
+    if normalize:
+        torch.testing.assert_close(route.topk_scores_TK.sum(-1), torch.ones(4))
+    (route.topk_scores_TK * torch.arange(1.0, 3.0)).sum().add(route.probs_TE[:, 0].sum()).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(router.gate.weight.grad).all()
 
 
 def test_router_runs_in_float32_under_autocast():
@@ -199,7 +287,7 @@ def test_activation_changes_the_output():
     assert not torch.allclose(outputs["swish"], outputs["tanh"])
 
 
-def test_intermediate_holds_the_design_fields_and_serialises():
+def test_intermediate_holds_every_routing_field_and_serialises():
     layer = make_layer(num_experts=4, top_k=2)
     out, _, data = layer(torch.randn(2, 5, 32), return_intermediate=True)
     assert data["gate_scores"].shape == (10, 4)

@@ -70,7 +70,8 @@ def test_a_sigterm_stopped_aux_free_run_resumes_into_the_same_weights_and_bias(t
     assert csv_column(run_dir, "train/loss") == csv_column(uninterrupted, "train/loss")
 
 
-# Every option of issue 8, from the CLI, on the default corpus (stdlib), in three runs.
+# The routers, group-limited and dynamic routing, the balancing losses, capacity, shared experts,
+# first_k_dense and the reference expert path, from the CLI, on the default corpus (stdlib), in three runs.
 OPTION_RUNS = {
     "noisy_capacity_first_k_dense": [
         "model.moe.router=noisy",

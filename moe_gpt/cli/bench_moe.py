@@ -8,7 +8,7 @@ the same layer with a different model.moe.experts_impl:
   grouped_mm  torch.nn.functional.grouped_mm over all rows at once
   loop        one autograd matmul pair per expert (the test reference; reads counts on the host)
   dense       GPT-2's dense FFN, 4 * n_embd wide: the same active FLOPs
-The goals (issue 8, CPU float32, 4,096 tokens, width 256): auto / dense at most 1.10 at
+The goals (CPU float32, 4,096 tokens, width 256): auto / dense at most 1.10 at
 E=8, k=2 and at most 1.25 at E=16, k=2 and E=64, k=8. Exit status 1 when a goal is missed.
 
     python scripts/bench_moe.py                                   # the goals' setting

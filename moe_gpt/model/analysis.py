@@ -78,7 +78,7 @@ def memory_estimate(config: GPTConfig, batch_size: int, precision: str = "32-tru
 
 
 def recommended_settings(config: GPTConfig) -> list[str]:
-    """The design's rules of thumb by model size, as advice to compare with the current config."""
+    """Common rules of thumb for experts and top_k by dense model size, as advice next to the current config."""
     dense_params = parameter_counts(replace(config, use_moe=False))["params_total"]
     if dense_params < 1e9:
         size, experts, top_k = "small (< 1B dense)", "2-4", "1"
@@ -90,7 +90,7 @@ def recommended_settings(config: GPTConfig) -> list[str]:
     return [
         f"model size: {size}, {dense_params / 1e6:.1f}M parameters as a dense model",
         f"rule of thumb for this size: num_experts {experts}, top_k {top_k} (current: {current})",
-        "these are starting points from the design notes, not measurements: compare with scripts/compare.py",
+        "these are common starting points, not measurements of this model: compare with scripts/compare.py",
     ]
 
 

@@ -25,6 +25,7 @@ for the same reason. Saved for backward: the activation's input and output per r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -32,32 +33,38 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-IMPLEMENTATIONS = ("auto", "grouped_mm", "blocked")
+from moe_gpt.config import ACTIVATIONS as ACTIVATION_NAMES
+
 # grouped_mm's kernels in torch 2.13: these dtypes on the CPU, bfloat16 on CUDA from Ampere on.
 GROUPED_MM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_CUDA_CAPABILITY = (8, 0)
 
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+
+@dataclass(frozen=True)
+class Activation:
+    forward: Callable[[Tensor], Tensor]
+    into: Callable[[Tensor, Tensor], Tensor]  # the same, written into a given tensor (one pass less than a copy)
+    backward: Callable[[Tensor, Tensor, Tensor], Tensor]  # (grad of output, input, output) -> grad of input
+
+
+_KERNELS = {
     # GPT-2 was trained with the tanh approximation; using it keeps pretrained FFNs exact.
-    "gelu": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
+    "gelu": Activation(
+        lambda x: F.gelu(x, approximate="tanh"),
+        lambda x, out: torch._C._nn.gelu(x, approximate="tanh", out=out),
+        lambda grad, h, a: torch.ops.aten.gelu_backward(grad, h, approximate="tanh"),
+    ),
+    "relu": Activation(F.relu, lambda x, out: torch.clamp_min(x, 0, out=out), lambda grad, h, a: grad * (h > 0)),
+    "swish": Activation(
+        F.silu, lambda x, out: torch._C._nn.silu(x, out=out), lambda grad, h, a: torch.ops.aten.silu_backward(grad, h)
+    ),
+    "tanh": Activation(
+        torch.tanh, lambda x, out: torch.tanh(x, out=out), lambda grad, h, a: torch.ops.aten.tanh_backward(grad, a)
+    ),
 }
-# The same, written into a given tensor (one pass less than computing and then copying).
-ACTIVATIONS_INTO: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "gelu": lambda x, out: torch._C._nn.gelu(x, approximate="tanh", out=out),
-    "relu": lambda x, out: torch.clamp_min(x, 0, out=out),
-    "swish": lambda x, out: torch._C._nn.silu(x, out=out),
-    "tanh": lambda x, out: torch.tanh(x, out=out),
-}
-# The activation's backward: (grad of output, input, output) -> grad of input.
-ACTIVATION_GRADS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-    "gelu": lambda grad, h, a: torch.ops.aten.gelu_backward(grad, h, approximate="tanh"),
-    "relu": lambda grad, h, a: grad * (h > 0),
-    "swish": lambda grad, h, a: torch.ops.aten.silu_backward(grad, h),
-    "tanh": lambda grad, h, a: torch.ops.aten.tanh_backward(grad, a),
-}
+# Keyed by the names the config accepts (config.ACTIVATIONS, kept free of torch so that validating
+# a config never imports it): a name without a kernel here fails at import, not mid-training.
+ACTIVATIONS: dict[str, Activation] = {name: _KERNELS[name] for name in ACTIVATION_NAMES}
 
 
 def has_grouped_mm_kernel(x: Tensor) -> bool:
@@ -103,7 +110,7 @@ def _forward_grouped(x, tokens, weight, offsets, w1, b1, w2, every_row_computed,
     h = _grouped_mm(x_rows, w1.transpose(-2, -1), offsets, every_row_computed)
     if b1 is not None:
         h = h + b1.index_select(0, _expert_of_row(offsets, h.shape[0]))
-    a = ACTIVATIONS[activation](h)
+    a = ACTIVATIONS[activation].forward(h)
     y = _grouped_mm((a * weight[:, None]).to(w2.dtype), w2.transpose(-2, -1), offsets, every_row_computed)
     return torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype)), h, a
 
@@ -119,11 +126,12 @@ def _forward_blocked(x, tokens, weight, offsets, w1, b1, w2, every_row_computed,
             torch.mm(x_rows[rows], w1[e].t(), out=h[rows])
         else:
             torch.addmm(b1[e], x_rows[rows], w1[e].t(), out=h[rows])
-        ACTIVATIONS_INTO[activation](h[rows], a[rows])
+        ACTIVATIONS[activation].into(h[rows], a[rows])
         if scale_outputs:
             torch.mm(a[rows], w2[e].t(), out=y[rows]).mul_(weight[rows, None])
         else:
-            torch.mm(a[rows] * weight[rows, None], w2[e].t(), out=y[rows])
+            # The float32 weight promotes the product: back to the matmul's dtype (autocast).
+            torch.mm((a[rows] * weight[rows, None]).to(w2.dtype), w2[e].t(), out=y[rows])
     # One scatter for all rows: measured twice as fast as one per expert.
     return torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype)), h, a
 
@@ -169,7 +177,7 @@ def _backward_grouped(g, x, tokens, weight, offsets, w1, w2, h, a, every_row_com
     da = _grouped_mm(g_rows, w2, offsets, every_row_computed)  # gradient of the unweighted activation
     grad_weight = (da.float() * a.float()).sum(-1)
     grad_w2 = F.grouped_mm(g_rows.t(), (a * weight[:, None]).to(w2.dtype), offs=offsets)  # rows cut at offsets
-    dh = ACTIVATION_GRADS[activation]((da * weight[:, None]).to(h.dtype), h, a).to(w1.dtype)
+    dh = ACTIVATIONS[activation].backward((da * weight[:, None]).to(h.dtype), h, a).to(w1.dtype)
     x_rows = x.index_select(0, tokens).to(w1.dtype)
     grad_w1 = F.grouped_mm(dh.t(), x_rows, offs=offsets)
     grad_b1 = dh.new_zeros(w1.shape[:2]).index_add_(0, _expert_of_row(offsets, dh.shape[0]), dh)
@@ -195,7 +203,7 @@ def _backward_blocked(g, x, tokens, weight, offsets, w1, w2, h, a, every_row_com
             torch.mm((g_rows[rows] * w_rows).t(), a_rows, out=grad_w2[e])
         else:
             torch.mm(g_rows[rows].t(), a_rows * w_rows, out=grad_w2[e])
-        dh = ACTIVATION_GRADS[activation](da.mul_(w_rows), h[rows], a_rows)
+        dh = ACTIVATIONS[activation].backward(da.mul_(w_rows), h[rows], a_rows)
         torch.mm(dh.t(), x_rows[rows], out=grad_w1[e])
         torch.sum(dh, 0, out=grad_b1[e])
         torch.mm(dh, w1[e], out=dx_rows[rows])

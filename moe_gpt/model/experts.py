@@ -18,7 +18,7 @@ class FeedForward(nn.Module):
         self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
         self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.c_proj.is_residual_projection = True
-        self.activation = ACTIVATIONS[activation]
+        self.activation = ACTIVATIONS[activation].forward
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -80,7 +80,7 @@ class Experts(nn.Module):
         """Run one expert on the tokens it was given."""
         b_fc = None if self.c_fc_bias is None else self.c_fc_bias[expert]
         b_proj = None if self.c_proj_bias is None else self.c_proj_bias[expert]
-        h_NH = ACTIVATIONS[self.activation_name](F.linear(x_ND, self.c_fc_weight[expert], b_fc))
+        h_NH = ACTIVATIONS[self.activation_name].forward(F.linear(x_ND, self.c_fc_weight[expert], b_fc))
         return F.linear(h_NH, self.c_proj_weight[expert], b_proj)
 
     def per_expert_forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:

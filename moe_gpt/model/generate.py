@@ -86,12 +86,13 @@ def next_token_logits(
     ``cache`` covers all of ``tokens`` but the newest. While the newest token still fits the
     context window only it is fed; otherwise the context is cropped to the last ``block_size``
     tokens and run in full, because cropping shifts every position and stales the cached keys.
+    Only the last position is projected to logits: it is the only one sampled from.
     """
     block_size = model.config.block_size
     if cache is not None and cache[0][0].shape[2] < block_size:
-        out = model(tokens[:, -1:], use_cache=True, past_kv=cache)
+        out = model(tokens[:, -1:], use_cache=True, past_kv=cache, last_logits_only=True)
     else:
-        out = model(tokens[:, -block_size:], use_cache=use_cache)
+        out = model(tokens[:, -block_size:], use_cache=use_cache, last_logits_only=True)
     return out.logits[:, -1], out.cache
 
 

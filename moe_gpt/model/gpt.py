@@ -1,7 +1,8 @@
 """GPT-2 with a switchable feed-forward network: dense MLP or Mixture-of-Experts per block.
 
-Module names (wte, wpe, h, ln_1, attn.c_attn, mlp.c_fc, ...) follow GPT-2's state dict, so
-pretrained weights load through a short rename table.
+Module names (wte, wpe, h, ln_1, attn.c_attn, mlp.c_fc, ...) equal GPT-2's state-dict keys, so
+pretrained weights load without renaming: weights/hf.py only transposes the Conv1D projections
+(Hugging Face stores them as (in, out), nn.Linear as (out, in)) and pads the vocabulary rows.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class BlockOutput:
     z_loss: Optional[Tensor] = None
 
     def __iter__(self):
-        # The design's tuple form: x, cache, intermediate = block(x, ...)
+        # Unpacks as a tuple too: x, cache, intermediate = block(x, ...)
         return iter((self.x, self.cache, self.intermediate))
 
 
@@ -153,11 +154,16 @@ class GPT(nn.Module):
         use_cache: bool = False,
         past_kv: Optional[list[KVCache]] = None,
         return_intermediate: bool = False,
+        last_logits_only: bool = False,
     ) -> GPTOutput:
+        """``last_logits_only``: logits (B, 1, vocab_size) of the last position alone, the one a
+        sampler reads; the output layer is the largest matmul, so generation skips the others."""
         B, T = idx.shape
         start = 0 if past_kv is None else past_kv[0][0].shape[2]
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.block_size={self.config.block_size}")
+        if last_logits_only and targets is not None:
+            raise ValueError("last_logits_only is for sampling: the loss needs every position, pass no targets")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         outputs = []
@@ -166,6 +172,8 @@ class GPT(nn.Module):
             outputs.append(out)
             x = out.x
         x = self.transformer.ln_f(x)
+        if last_logits_only:
+            x = x[:, -1:]  # (B, 1, C)
         result = GPTOutput(
             logits=self._logits_unless_chunked_loss(x, targets),
             cache=[o.cache for o in outputs] if use_cache else None,

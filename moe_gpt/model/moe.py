@@ -5,8 +5,9 @@ flattened), D model width, H expert hidden width, E experts, K experts per token
 S token-slots (K * T, one per token and chosen expert).
 
 Which file does what: routers.py picks experts and weights, dispatch.py sorts token-slots
-by expert (on the device, never reading a count on the host), experts.py runs the experts as
-grouped matrix multiplies (grouped_gemm.py) and sums their weighted outputs per token.
+by expert (on the device, never reading a count on the host), experts.py holds the experts'
+weights and runs them through the fused operator of expert_kernels.py (grouped matrix
+multiplies, or one expert's block of rows at a time), which sums their weighted outputs per token.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def switch_load_balance_loss(probs_TE: Tensor, tokens_per_expert_E: Tensor) -> T
 
 
 def variance_load_balance_loss(probs_TE: Tensor) -> Tensor:
-    """The design's loss: variance of the per-expert mean probability around 1/E."""
+    """Variance of the per-expert mean probability around 1/E: 0 when every expert gets equal mean
+    probability. Unlike the switch loss it ignores where the top-k choices actually went."""
     num_experts = probs_TE.shape[-1]
     return ((probs_TE.mean(dim=0) - 1.0 / num_experts) ** 2).mean()
 
@@ -152,7 +154,7 @@ class MoELayer(nn.Module):
         self.load_since_bias_update.zero_()
 
     def _intermediate(self, route: RouterOutput, plan: Dispatch, out_TD: Tensor, losses: MoELosses) -> dict[str, Any]:
-        """The routing data the design lists, for debugging and for backends that return it."""
+        """One forward's routing (scores, choices, per-expert load, losses, output), for debugging and analysis."""
         demand_E = plan.demand_E.detach()
         slots = demand_E.sum()
         used_TK = (

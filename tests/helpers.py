@@ -1,6 +1,9 @@
 """Shared by the tests that train: a tiny run config, and ways to run train.py."""
 
+import contextlib
 import csv
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +29,9 @@ TINY = [
     "optim.warmup_steps=2",
     "logger.expert_stats_every_n_steps=2",
     "logger.heatmap_every_n_steps=2",
+    # Seconds per run that no tiny-run test looks at (the end-to-end test turns the summary back on).
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_model_summary=false",
 ]
 
 
@@ -34,6 +40,30 @@ def run_train_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
+
+
+def train_main(argv: list[str]) -> subprocess.CompletedProcess:
+    """``python train.py <argv>`` in this process: its exit code and what it printed, as a subprocess would report.
+
+    A bug is not turned into exit code 1: its exception reaches the test with its traceback.
+    """
+    from moe_gpt.cli.train import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        # Hydra points its console handler at sys.stderr when each run starts: the StringIO here.
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            main(argv)
+        code = 0
+    except SystemExit as stopped:
+        code = stopped.code if isinstance(stopped.code, int) else (0 if stopped.code is None else 1)
+    finally:
+        # Hydra reconfigures the root logger for each run; later tests get pytest's logging back.
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return subprocess.CompletedProcess(["train.py", *argv], code, stdout.getvalue(), stderr.getvalue())
 
 
 def train_in_process(overrides: list[str], run_dir: Path) -> dict:

@@ -2,12 +2,14 @@
 
 import contextlib
 import csv
+import importlib
 import io
 import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from moe_gpt.compose import compose_run_config
@@ -42,28 +44,40 @@ def run_train_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def train_main(argv: list[str]) -> subprocess.CompletedProcess:
-    """``python train.py <argv>`` in this process: its exit code and what it printed, as a subprocess would report.
+def run_main(main: Callable[[], int | None], argv: list[str]) -> subprocess.CompletedProcess:
+    """A command's ``main()`` in this process, reading ``argv`` as its command line: its exit code and what it
+    printed, as a subprocess would report them.
 
     A bug is not turned into exit code 1: its exception reaches the test with its traceback.
     """
-    from moe_gpt.cli.train import main
-
     stdout, stderr = io.StringIO(), io.StringIO()
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    handlers, level, saved_argv = list(root.handlers), root.level, sys.argv
+    sys.argv = [main.__module__, *argv]  # every main() reads the command line when given no argv
     try:
         # Hydra points its console handler at sys.stderr when each run starts: the StringIO here.
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            main(argv)
-        code = 0
+            code = main() or 0
     except SystemExit as stopped:
-        code = stopped.code if isinstance(stopped.code, int) else (0 if stopped.code is None else 1)
+        code = stopped.code or 0
     finally:
+        sys.argv = saved_argv
         # Hydra reconfigures the root logger for each run; later tests get pytest's logging back.
         root.handlers[:] = handlers
         root.setLevel(level)
-    return subprocess.CompletedProcess(["train.py", *argv], code, stdout.getvalue(), stderr.getvalue())
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
+
+
+def train_main(argv: list[str]) -> subprocess.CompletedProcess:
+    """``python train.py <argv>``, in this process."""
+    from moe_gpt.cli.train import main
+
+    return run_main(main, argv)
+
+
+def script_main(name: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """``python scripts/<name>.py <argv>``, in this process."""
+    return run_main(importlib.import_module(f"moe_gpt.cli.{name}").main, argv)
 
 
 def train_in_process(overrides: list[str], run_dir: Path) -> dict:

@@ -121,3 +121,18 @@ def test_default_run_lowers_validation_loss_on_the_stdlib_corpus(tmp_path):
     assert val_losses[-1] < val_losses[0] < 10.0
     assert metrics["val_loss"] < 7.5  # from ln(50257) = 10.8 at initialisation
     assert metrics["params_active"] < metrics["params_total"]
+
+
+@pytest.mark.parametrize("sanity_steps,summary", [(0, False), (2, True)])
+def test_the_trainer_gets_the_sanity_validation_and_model_summary_settings(
+    tmp_path, tiny_run_config, sanity_steps, summary
+):
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from moe_gpt.config import TrainerConfig
+    from moe_gpt.training.trainer import build_trainer
+
+    settings = TrainerConfig(num_sanity_val_steps=sanity_steps, enable_model_summary=summary)
+    trainer = build_trainer(tiny_run_config(tmp_path, trainer=settings), loggers=[], callbacks=[])
+    assert trainer.num_sanity_val_steps == sanity_steps
+    assert any(isinstance(callback, ModelSummary) for callback in trainer.callbacks) == summary

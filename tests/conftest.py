@@ -1,6 +1,5 @@
 """Shared test fixtures."""
 
-import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -172,4 +171,6 @@ def corpus_overrides(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="session")
 def load_script() -> Callable[[str], ModuleType]:
     """Factory: the module behind ``scripts/<name>.py`` (``moe_gpt.cli.<name>``), so its ``main(argv)`` runs in-process."""
-    return lambda name: importlib.import_module(f"moe_gpt.cli.{name}")
+    from tests.helpers import cli_module
+
+    return cli_module

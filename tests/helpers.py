@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from moe_gpt.compose import compose_run_config
 from moe_gpt.training.run import train
@@ -75,9 +76,14 @@ def train_main(argv: list[str]) -> subprocess.CompletedProcess:
     return run_main(main, argv)
 
 
+def cli_module(name: str) -> ModuleType:
+    """The module behind ``scripts/<name>.py`` (``moe_gpt.cli.<name>``)."""
+    return importlib.import_module(f"moe_gpt.cli.{name}")
+
+
 def script_main(name: str, argv: list[str]) -> subprocess.CompletedProcess:
     """``python scripts/<name>.py <argv>``, in this process."""
-    return run_main(importlib.import_module(f"moe_gpt.cli.{name}").main, argv)
+    return run_main(cli_module(name).main, argv)
 
 
 def train_in_process(overrides: list[str], run_dir: Path) -> dict:

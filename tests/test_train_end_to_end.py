@@ -103,6 +103,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, corpus_overrides, override, mes
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 40 steps of the default mini model: minutes on 2 cores, more than the usual limit
 def test_default_run_lowers_validation_loss_on_the_stdlib_corpus(tmp_path):
     """The default config (MoE, stdlib corpus, mini model), shortened to 40 steps."""
     overrides = [

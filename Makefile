@@ -8,10 +8,10 @@ train: setup
 	.venv/bin/python train.py $(ARGS)
 
 test: setup
-	.venv/bin/python -m pytest -m "not slow" $(ARGS)
+	.venv/bin/python -m pytest -m "not slow" --durations=15 $(ARGS)
 
 test-slow: setup
-	.venv/bin/python -m pytest -m slow $(ARGS)
+	.venv/bin/python -m pytest -m slow --durations=15 $(ARGS)
 
 bench: setup
 	.venv/bin/python scripts/bench_moe.py $(ARGS)

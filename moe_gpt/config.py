@@ -340,6 +340,8 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimizer step
     log_every_n_steps: int = 5  # training metrics are logged every N steps
     deterministic: bool = False  # deterministic torch algorithms only (reproducible, slower)
+    num_sanity_val_steps: int = 2  # validation batches run before training to catch a broken val step; 0 skips, -1 all
+    enable_model_summary: bool = True  # print the layer table with sizes and FLOPs when training starts
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -351,6 +353,10 @@ class TrainerConfig:
                 "trainer.log_every_n_steps": self.log_every_n_steps,
                 "trainer.num_nodes": self.num_nodes,
             }
+        )
+        _require(
+            self.num_sanity_val_steps >= -1,
+            f"trainer.num_sanity_val_steps={self.num_sanity_val_steps} must be 0 (skip), a positive number or -1 (all)",
         )
         _require(
             self.precision in PRECISIONS,

@@ -1,6 +1,5 @@
 """Shared test fixtures."""
 
-import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -95,7 +94,15 @@ def tiny_run_config(tiny_corpus) -> Callable[..., RunConfig]:
             model=GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, use_moe=False),
             data=tiny_corpus,
             optim=OptimConfig(warmup_steps=1),
-            trainer=TrainerConfig(accelerator="cpu", devices=1, max_steps=2, val_check_interval=2, limit_val_batches=1),
+            trainer=TrainerConfig(
+                accelerator="cpu",
+                devices=1,
+                max_steps=2,
+                val_check_interval=2,
+                limit_val_batches=1,
+                num_sanity_val_steps=0,  # seconds per run that no tiny-run test looks at
+                enable_model_summary=False,
+            ),
             logger=LoggerConfig(kind="none"),
             run_dir=str(run_dir),
         )
@@ -111,6 +118,16 @@ def tiny_checkpoint(tmp_path_factory, tiny_run_config) -> Path:
 
     run_dir = tmp_path_factory.mktemp("tiny_run")
     train(tiny_run_config(run_dir))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_checkpoint(tmp_path_factory, corpus_overrides) -> Path:
+    """``last.ckpt`` of the TINY MoE GPT-2 (2 layers, 4 experts) after 2 steps of train.py's run; copy it to modify it."""
+    from tests.helpers import TINY, train_in_process
+
+    run_dir = tmp_path_factory.mktemp("tiny_moe_run")
+    train_in_process(TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2"], run_dir)
     return run_dir / "checkpoints" / "last.ckpt"
 
 
@@ -154,4 +171,6 @@ def corpus_overrides(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="session")
 def load_script() -> Callable[[str], ModuleType]:
     """Factory: the module behind ``scripts/<name>.py`` (``moe_gpt.cli.<name>``), so its ``main(argv)`` runs in-process."""
-    return lambda name: importlib.import_module(f"moe_gpt.cli.{name}")
+    from tests.helpers import cli_module
+
+    return cli_module

@@ -1,11 +1,17 @@
 """Shared by the tests that train: a tiny run config, and ways to run train.py."""
 
+import contextlib
 import csv
+import importlib
+import io
+import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from moe_gpt.compose import compose_run_config
 from moe_gpt.training.run import train
@@ -26,6 +32,9 @@ TINY = [
     "optim.warmup_steps=2",
     "logger.expert_stats_every_n_steps=2",
     "logger.heatmap_every_n_steps=2",
+    # Seconds per run that no tiny-run test looks at (the end-to-end test turns the summary back on).
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_model_summary=false",
 ]
 
 
@@ -34,6 +43,47 @@ def run_train_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
+
+
+def run_main(main: Callable[[], int | None], argv: list[str]) -> subprocess.CompletedProcess:
+    """A command's ``main()`` in this process, reading ``argv`` as its command line: its exit code and what it
+    printed, as a subprocess would report them.
+
+    A bug is not turned into exit code 1: its exception reaches the test with its traceback.
+    """
+    stdout, stderr = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level, saved_argv = list(root.handlers), root.level, sys.argv
+    sys.argv = [main.__module__, *argv]  # every main() reads the command line when given no argv
+    try:
+        # Hydra points its console handler at sys.stderr when each run starts: the StringIO here.
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main() or 0
+    except SystemExit as stopped:
+        code = stopped.code or 0
+    finally:
+        sys.argv = saved_argv
+        # Hydra reconfigures the root logger for each run; later tests get pytest's logging back.
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
+
+
+def train_main(argv: list[str]) -> subprocess.CompletedProcess:
+    """``python train.py <argv>``, in this process."""
+    from moe_gpt.cli.train import main
+
+    return run_main(main, argv)
+
+
+def cli_module(name: str) -> ModuleType:
+    """The module behind ``scripts/<name>.py`` (``moe_gpt.cli.<name>``)."""
+    return importlib.import_module(f"moe_gpt.cli.{name}")
+
+
+def script_main(name: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """``python scripts/<name>.py <argv>``, in this process."""
+    return run_main(cli_module(name).main, argv)
 
 
 def train_in_process(overrides: list[str], run_dir: Path) -> dict:

@@ -1,8 +1,6 @@
 """Costs of a config and routing reports, checked against the model itself."""
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -17,7 +15,7 @@ from moe_gpt.model.analysis import (
 )
 from moe_gpt.config import GPTConfig, MoEConfig
 from moe_gpt.model.gpt import GPT
-from tests.helpers import REPO, TINY, train_in_process
+from tests.helpers import script_main
 
 
 def small(use_moe=True, **moe) -> GPTConfig:
@@ -106,56 +104,26 @@ def test_routing_report_gives_experts_per_token_under_top_p_and_the_dropped_shar
 
 
 def test_analyze_config_cli_prints_costs_as_json():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "analyze.py"),
-            "config",
-            "model.moe.num_experts=4",
-            "model.moe.top_k=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    result = script_main("analyze", ["config", "model.moe.num_experts=4", "model.moe.top_k=1"])
+    assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["params_active"] < report["params_total"]
     assert report["memory_estimate"]["batch_size"] == 16 and report["advice"]
 
 
-def test_analyze_routing_cli_reports_a_checkpoint(tmp_path, corpus_overrides):
-    train_in_process(TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2"], tmp_path)
-    command = [
-        sys.executable,
-        str(REPO / "scripts" / "analyze.py"),
-        "routing",
-        "--checkpoint",
-        str(tmp_path / "checkpoints" / "last.ckpt"),
-        "--text",
-        "def main():\n    return 0\n",
-        "--intermediate",
-    ]
-    report = json.loads(subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout)
+def test_analyze_routing_cli_reports_a_checkpoint(tiny_moe_checkpoint):
+    result = script_main(
+        "analyze",
+        ["routing", "--checkpoint", str(tiny_moe_checkpoint), "--text", "def main():\n    return 0\n", "--intermediate"],
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
     assert len(report["moe_layers"]) == 2
     assert set(report["moe_layers"][0]["intermediate"]) >= {"gate_scores", "top_k_indices", "expert_usage"}
 
 
 def test_analyze_routing_cli_missing_checkpoint_is_one_line(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "analyze.py"),
-            "routing",
-            "--checkpoint",
-            str(tmp_path / "no.ckpt"),
-            "--text",
-            "x",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = script_main("analyze", ["routing", "--checkpoint", str(tmp_path / "no.ckpt"), "--text", "x"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: checkpoint {tmp_path / 'no.ckpt'} does not exist; pass a .ckpt from a run's checkpoints/ folder"

@@ -4,8 +4,6 @@ The payload test is live: the same file loaded the unsafe way really runs it (it
 so "the marker file does not exist" proves each entry point refused it.
 """
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 from moe_gpt.weights.safe_load import load_model
 from moe_gpt.config import ConfigError, GPTConfig
 from moe_gpt.model.gpt import GPT
-from tests.helpers import REPO, TINY, error_lines, run_train_cli
+from tests.helpers import TINY, error_lines, script_main, train_main
 
 
 class Payload:
@@ -52,14 +50,12 @@ def test_load_model_refuses_a_checkpoint_that_would_run_code(payload_checkpoint)
 def test_generate_analyze_and_export_refuse_it_with_one_line(payload_checkpoint, tmp_path):
     path, marker = payload_checkpoint
     commands = [
-        ["generate.py", "--checkpoint", str(path), "--max-new-tokens", "2"],
-        ["analyze.py", "routing", "--checkpoint", str(path), "--text", "x"],
-        ["export_hf.py", "--checkpoint", str(path), "--out", str(tmp_path / "export")],
+        ["generate", "--checkpoint", str(path), "--max-new-tokens", "2"],
+        ["analyze", "routing", "--checkpoint", str(path), "--text", "x"],
+        ["export_hf", "--checkpoint", str(path), "--out", str(tmp_path / "export")],
     ]
     for script, *args in commands:
-        result = subprocess.run(
-            [sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True, timeout=120
-        )
+        result = script_main(script, args)
         assert result.returncode == 2, (script, result.stderr[-2000:])
         refused = (
             "holds Python objects that would run as code when loaded; refused. "
@@ -74,7 +70,7 @@ def test_training_refuses_it_before_building_any_data(payload_checkpoint, corpus
     path, marker = payload_checkpoint
     cache = tmp_path / "fresh-token-cache"
     args = TINY + corpus_overrides + [f"data.cache_dir={cache}", f"{key}={path}", f"hydra.run.dir={tmp_path / 'run'}"]
-    result = run_train_cli(args, cwd=tmp_path)
+    result = train_main(args)
     assert result.returncode == 2
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "would run as code when loaded; refused" in errors[0], result.stderr[-2000:]
@@ -112,7 +108,7 @@ def test_resuming_from_a_truncated_checkpoint_fails_before_any_data_is_built(
     path, message = damaged_files(tiny_checkpoint, tmp_path)["truncated"]
     cache = tmp_path / "fresh-token-cache"
     args = TINY + corpus_overrides + [f"data.cache_dir={cache}", f"resume={path}", f"hydra.run.dir={tmp_path / 'run'}"]
-    result = run_train_cli(args, cwd=tmp_path)
+    result = train_main(args)
     assert result.returncode == 2
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr

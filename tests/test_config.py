@@ -1,8 +1,6 @@
 """Config validation and Hydra composition of the real configs/ tree."""
 
 import re
-import subprocess
-import sys
 from dataclasses import MISSING, asdict, fields, is_dataclass
 
 import pytest
@@ -24,7 +22,7 @@ from moe_gpt.config import (
     config_warnings,
     run_warnings,
 )
-from tests.helpers import REPO
+from tests.helpers import REPO, train_main
 
 
 @pytest.mark.parametrize(
@@ -61,6 +59,7 @@ from tests.helpers import REPO
         (lambda: TrainerConfig(devices=[]), "trainer.devices"),
         (lambda: TrainerConfig(devices="gpu"), "trainer.devices"),
         (lambda: TrainerConfig(num_nodes=0), "trainer.num_nodes"),
+        (lambda: TrainerConfig(num_sanity_val_steps=-2), "trainer.num_sanity_val_steps"),
         (lambda: CheckpointConfig(every_n_steps=0), "checkpoint.every_n_steps"),
         (lambda: RunConfig(seed=-1), "seed"),
         (lambda: RunConfig(seed=2**32), "seed"),
@@ -76,10 +75,12 @@ def test_invalid_value_is_an_error_naming_the_key(build, key):
     assert "\n" not in str(error.value)
 
 
-def test_valid_edge_values_are_accepted():
-    MoEConfig(num_experts=1, top_k=1)
-    MoEConfig(num_experts=4, top_k=4)
-    GPTConfig(n_embd=96, n_head=3, dropout=0.0)
+def test_valid_edge_values_are_kept_as_given():
+    assert (MoEConfig(num_experts=1, top_k=1).num_experts, MoEConfig(num_experts=1, top_k=1).top_k) == (1, 1)
+    assert MoEConfig(num_experts=4, top_k=4).top_k == 4
+    model = GPTConfig(n_embd=96, n_head=3, dropout=0.0)
+    assert (model.n_embd, model.n_head, model.dropout) == (96, 3, 0.0)
+    assert [TrainerConfig(num_sanity_val_steps=n).num_sanity_val_steps for n in (-1, 0, 2)] == [-1, 0, 2]
 
 
 def test_warnings_for_top_k_equal_to_experts_and_many_experts_on_small_model():
@@ -94,9 +95,9 @@ def test_warnings_for_top_k_equal_to_experts_and_many_experts_on_small_model():
     assert config_warnings(GPTConfig(use_moe=False, moe=MoEConfig(num_experts=64, top_k=64))) == []
 
 
-def test_device_settings_lightning_accepts_are_accepted():
+def test_device_settings_lightning_accepts_are_passed_to_it_unchanged():
     for devices in ("auto", -1, 1, 4, "2", "0,1", [0, 1]):
-        TrainerConfig(devices=devices)
+        assert TrainerConfig(devices=devices).devices == devices
 
 
 def test_warmup_longer_than_training_is_a_warning():
@@ -150,15 +151,23 @@ def test_every_data_preset_composes(preset):
     assert compose_run_config(overrides).data.name in (preset, "text")
 
 
-@pytest.mark.parametrize("group,choice", [("trainer", "gpu"), ("logger", "csv"), ("logger", "none")])
-def test_every_trainer_and_logger_preset_composes(group, choice):
-    compose_run_config([f"{group}={choice}"])
+@pytest.mark.parametrize(
+    "group,choice,key,value",
+    [
+        ("trainer", "gpu", "trainer.accelerator", "gpu"),
+        ("trainer", "gpu", "trainer.precision", "bf16-mixed"),
+        ("logger", "csv", "logger.kind", "csv"),
+        ("logger", "none", "logger.kind", "none"),
+    ],
+)
+def test_every_trainer_and_logger_preset_composes_into_its_settings(group, choice, key, value):
+    run = OmegaConf.structured(compose_run_config([f"{group}={choice}"]))
+    assert OmegaConf.select(run, key) == value
 
 
 def test_help_lists_the_main_keys_with_their_real_defaults():
-    result = subprocess.run(
-        [sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True
-    )
+    result = train_main(["--help"])
+    assert result.returncode == 0
     assert "Main keys:" in result.stdout and "model.moe.num_experts=8" in result.stdout
     assert all(len(line) <= 100 for line in result.stdout.splitlines())
     defaults = OmegaConf.structured(compose_run_config([]))
@@ -253,3 +262,10 @@ def test_every_yaml_key_has_a_comment():
 def test_a_misspelled_preset_is_an_error_not_silently_the_default_run(group):
     with pytest.raises(HydraException, match=f"Could not find '{group}/no_such_preset'"):
         compose_run_config([f"{group}=no_such_preset"])
+
+
+def test_cfg_job_shows_the_sanity_validation_and_model_summary_settings():
+    result = train_main(["--cfg", "job", "trainer.num_sanity_val_steps=0"])
+    assert result.returncode == 0
+    trainer = yaml.safe_load(result.stdout)["trainer"]
+    assert (trainer["num_sanity_val_steps"], trainer["enable_model_summary"]) == (0, True)

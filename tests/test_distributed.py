@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from tests.helpers import TINY, csv_column, run_train_cli
+from tests.helpers import TINY, csv_column, run_train_cli, train_main
 
 
 def train_cli(args: list[str], run_dir) -> dict:
+    """train.py in a process of its own: Lightning starts the other DDP process by re-running its command line."""
     result = run_train_cli(TINY + args + ["logger=csv", f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((run_dir / "metrics.json").read_text())
@@ -58,7 +59,7 @@ def test_aux_free_bias_moves_alike_with_two_processes_and_with_one(tmp_path, cor
 def test_a_sweep_with_several_processes_per_job_is_refused_with_how_to_run_it(tmp_path, corpus_overrides):
     sweep_dir = tmp_path / "sweep"
     args = ["-m", *TINY, *corpus_overrides, "trainer.devices=2", "trainer.strategy=ddp", "model.moe.top_k=1,2"]
-    result = run_train_cli([*args, "logger=none", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    result = train_main([*args, "logger=none", f"hydra.sweep.dir={sweep_dir}"])
     assert result.returncode == 0  # a sweep records a failed job and goes on
     for job in ("0", "1"):
         failure = json.loads((sweep_dir / job / "failure.json").read_text())

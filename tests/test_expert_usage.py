@@ -1,9 +1,13 @@
 """Expert-usage statistics computed from the counts an MoE layer keeps."""
 
+import io
 import math
 
+import matplotlib
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from moe_gpt.config import GPTConfig, MoEConfig
 from moe_gpt.training.expert_usage import usage_heatmap_png, usage_stats
@@ -36,5 +40,25 @@ def test_router_entropy_is_the_mean_over_routed_tokens():
     assert stats["router_entropy_ratio"] == pytest.approx(1.0, rel=1e-5)
 
 
-def test_heatmap_is_a_png():
-    assert usage_heatmap_png([[0.5, 0.5], [0.9, 0.1]]).startswith(b"\x89PNG")
+def pixels_of_colour(image: np.ndarray, colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the pixels within 2 levels of ``colour`` per channel."""
+    return np.nonzero((np.abs(image[:, :, :3].astype(int) - colour[:3]) <= 2).all(axis=2))
+
+
+def test_the_heatmap_draws_each_share_in_its_layers_row_and_experts_column():
+    # The default model's 4 MoE layers x 8 experts; one hot cell (layer 2, expert 5) among equal shares.
+    shares = [[0.05] * 8 for _ in range(4)]
+    shares[2][5] = 0.65
+    image = np.asarray(Image.open(io.BytesIO(usage_heatmap_png(shares))))
+    viridis = matplotlib.colormaps["viridis"]
+    hot_rows, hot_columns = pixels_of_colour(image, np.array(viridis(1.0, bytes=True)))  # the largest share
+    # The median skips the colour bar's few pixels of the same colour.
+    hot_y, hot_x = int(np.median(hot_rows)), int(np.median(hot_columns))
+    cold_rows, cold_columns = pixels_of_colour(image, np.array(viridis(0.05 / 0.65, bytes=True)))
+    # Along the hot cell's row and column the cold cells span the whole heatmap, the hot one excepted.
+    row_span = cold_columns[cold_rows == hot_y]
+    column_span = cold_rows[cold_columns == hot_x]
+    expert = (hot_x - row_span.min()) / (row_span.max() - row_span.min()) * 8
+    layer = (hot_y - column_span.min()) / (column_span.max() - column_span.min()) * 4
+    assert (int(layer), int(expert)) == (2, 5)
+    assert len(hot_rows) == pytest.approx(len(cold_rows) / 31, rel=0.2)  # one cell's area against 31 cells'

@@ -14,9 +14,9 @@ from tests.helpers import (
     csv_column,
     error_lines,
     folder_state,
-    run_train_cli,
     start_train_cli,
     train_in_process,
+    train_main,
     wait_for_file,
 )
 
@@ -39,7 +39,7 @@ from tests.helpers import (
     ],
 )
 def test_a_config_that_does_not_compose_is_one_line_and_exit_code_2(tmp_path, override, message):
-    result = run_train_cli([override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    result = train_main([override, f"hydra.run.dir={tmp_path / 'run'}"])
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
@@ -67,7 +67,7 @@ def test_a_bad_value_is_one_line_and_exit_code_2_before_any_data(tmp_path, corpu
         pytest.skip("this machine has a GPU")
     cache = tmp_path / "fresh-token-cache"
     args = TINY + corpus_overrides + [f"data.cache_dir={cache}", override, f"hydra.run.dir={tmp_path / 'run'}"]
-    result = run_train_cli(args, cwd=tmp_path)
+    result = train_main(args)
     assert result.returncode == 2
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
@@ -81,7 +81,7 @@ def test_divergence_stops_the_run_with_one_line_and_keeps_finite_checkpoints(tmp
         + corpus_overrides
         + ["optim.lr=1e3", "logger=csv", "checkpoint.every_n_steps=1", f"hydra.run.dir={tmp_path}"]
     )
-    result = run_train_cli(args, cwd=tmp_path)
+    result = train_main(args)
     assert result.returncode == 3
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "training diverged:" in errors[0] and "lower optim.lr" in errors[0], result.stderr[
@@ -112,7 +112,7 @@ def test_a_diverged_job_fails_in_the_sweep_summary_and_gives_optuna_infinity(
 ):
     sweep_dir = tmp_path / "sweep"
     args = ["-m", *TINY, *corpus_overrides, "hparams_search=moe_optuna", "hydra.sweeper.n_trials=1", "optim.lr=1e30"]
-    result = run_train_cli([*args, "logger=none", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    result = train_main([*args, "logger=none", f"hydra.sweep.dir={sweep_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert (sweep_dir / "optimization_results.yaml").read_text().count("best_value: .inf") == 1
     load_script("summarize_sweep").main([str(sweep_dir)])
@@ -136,21 +136,23 @@ def test_a_folder_with_another_runs_checkpoints_is_refused_and_left_untouched(tm
     (tmp_path / ".hydra" / "config.yaml").write_text("earlier: run\n")
     (tmp_path / "train.log").write_text("earlier run's log\n")
     before = folder_state(tmp_path)
-    result = run_train_cli(TINY + corpus_overrides + [f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    result = train_main(TINY + corpus_overrides + [f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 2
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "already holds checkpoints; pass resume=last" in errors[0]
     assert folder_state(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_folder_of_a_live_run_is_refused(tmp_path, corpus_overrides):
+    # The subject is a lock held by another live process, so the first run is one (the second runs here).
     # No checkpoint while the test runs: the lock, not the checkpoints, has to keep the second run out.
     endless = ["trainer.max_steps=100000", "checkpoint.every_n_steps=100000", "trainer.val_check_interval=100000"]
     first = start_train_cli(TINY + corpus_overrides + endless + [f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     try:
         wait_for_file(tmp_path / "train.log", first, containing="Seed set to")  # the folder is claimed and recorded
         before = folder_state(tmp_path / ".hydra")
-        result = run_train_cli(TINY + corpus_overrides + [f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+        result = train_main(TINY + corpus_overrides + [f"hydra.run.dir={tmp_path}"])
         assert result.returncode == 2
         errors = error_lines(result.stderr)
         assert len(errors) == 1 and f"another run is training in {tmp_path} right now" in errors[0]

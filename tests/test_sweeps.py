@@ -3,8 +3,6 @@
 import csv
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from moe_gpt.config import register_schema
-from tests.helpers import REPO, TINY, run_train_cli
+from tests.helpers import REPO, TINY, train_main
 
 SHORT = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "logger=none"]
 
@@ -20,9 +18,7 @@ SHORT = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_v
 def run_sweep(args: list[str], tmp_path: Path, corpus_overrides: list[str]) -> Path:
     """``train.py -m`` on the tiny model; returns the sweep directory (jobs in 0/, 1/, ...)."""
     sweep_dir = tmp_path / "sweep"
-    result = run_train_cli(
-        ["-m", *TINY, *SHORT, *corpus_overrides, *args, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path
-    )
+    result = train_main(["-m", *TINY, *SHORT, *corpus_overrides, *args, f"hydra.sweep.dir={sweep_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep_dir
 
@@ -77,18 +73,15 @@ def test_failed_jobs_are_recorded_and_the_rest_of_the_sweep_completes(tmp_path, 
     assert_plots_written(sweep_dir)
 
 
-def test_unexpected_error_in_a_single_run_keeps_its_traceback_and_is_recorded(tmp_path, corpus_overrides):
+def test_unexpected_error_in_a_single_run_keeps_its_traceback_and_is_recorded(tmp_path, corpus_overrides, monkeypatch):
     # A bug cannot be asked for from the command line, so one is planted: train() raises, under the real Hydra CLI.
-    args = [*TINY, *SHORT, *corpus_overrides, f"hydra.run.dir={tmp_path}"]
-    planted = (
-        "import runpy, sys; import moe_gpt.training.run as run\n"
-        "def train(*args, **kwargs): raise RuntimeError('planted bug\\nsecond line')\n"
-        f"run.train = train; sys.argv = ['train.py', *{args!r}]\n"
-        f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')"
-    )
-    result = subprocess.run([sys.executable, "-c", planted], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
-    assert "Traceback" in result.stderr and "RuntimeError: planted bug" in result.stderr
+    def train(*args, **kwargs):
+        raise RuntimeError("planted bug\nsecond line")
+
+    monkeypatch.setattr("moe_gpt.training.run.train", train)
+    # Not a one-line exit: the exception itself leaves main(), so Python prints its traceback and exits 1.
+    with pytest.raises(RuntimeError, match="^planted bug\nsecond line$"):
+        train_main([*TINY, *SHORT, *corpus_overrides, f"hydra.run.dir={tmp_path}"])
     failure = json.loads((tmp_path / "failure.json").read_text())
     assert failure["error_type"] == "RuntimeError" and failure["reason"] == "planted bug"
 

@@ -1,17 +1,19 @@
 """train.py end to end: real Hydra, real Lightning Trainer, real W&B (offline), real token cache."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from moe_gpt.weights.safe_load import load_model
-from tests.helpers import REPO, TINY, run_train_cli, train_in_process
+from tests.helpers import REPO, TINY, train_in_process, train_main
 
 
 def test_moe_run_from_the_cli_writes_metrics_checkpoints_and_an_offline_wandb_run(tmp_path, corpus_overrides):
     run_dir = tmp_path / "run"
-    result = run_train_cli(TINY + corpus_overrides + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    # The model summary back on: what the terminal shows includes its FLOPs.
+    result = train_main(TINY + corpus_overrides + ["trainer.enable_model_summary=true", f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -57,9 +59,8 @@ def test_dense_run_has_equal_total_and_active_parameters(tmp_path, corpus_overri
     assert (tmp_path / "csv" / "metrics.csv").is_file()
 
 
-def test_checkpoint_loads_back_into_a_module(tmp_path, corpus_overrides):
-    train_in_process(TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2"], tmp_path)
-    model = load_model(tmp_path / "checkpoints" / "last.ckpt")
+def test_checkpoint_loads_back_into_a_module(tiny_moe_checkpoint):
+    model = load_model(tiny_moe_checkpoint)
     assert model.config.use_moe and model.config.moe.num_experts == 4 and not model.training
     logits = model(torch.zeros(1, 8, dtype=torch.long)).logits
     assert logits.shape == (1, 8, 50257)  # the real vocabulary: padded rows are not logits
@@ -75,14 +76,14 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, corpus_overrides):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
 
 
-def test_new_run_refuses_a_directory_that_has_checkpoints(tmp_path, corpus_overrides):
-    overrides = TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2"]
-    train_in_process(overrides, tmp_path)
-    before = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
-    result = run_train_cli(overrides + [f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+def test_new_run_refuses_a_directory_that_has_checkpoints(tmp_path, corpus_overrides, tiny_moe_checkpoint):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_moe_checkpoint.parents[1], run_dir)  # the folder of a finished run, as it left it
+    before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    result = train_main(TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2", f"hydra.run.dir={run_dir}"])
     assert result.returncode == 2
     assert "already holds checkpoints" in result.stderr and "resume=last" in result.stderr
-    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
 @pytest.mark.parametrize(
@@ -94,7 +95,7 @@ def test_new_run_refuses_a_directory_that_has_checkpoints(tmp_path, corpus_overr
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, corpus_overrides, override, message):
-    result = run_train_cli(TINY + corpus_overrides + ["logger=none", override, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    result = train_main(TINY + corpus_overrides + ["logger=none", override, f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if "ERROR" in line]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
@@ -102,6 +103,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, corpus_overrides, override, mes
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 40 steps of the default mini model: minutes on 2 cores, more than the usual limit
 def test_default_run_lowers_validation_loss_on_the_stdlib_corpus(tmp_path):
     """The default config (MoE, stdlib corpus, mini model), shortened to 40 steps."""
     overrides = [
@@ -120,3 +122,18 @@ def test_default_run_lowers_validation_loss_on_the_stdlib_corpus(tmp_path):
     assert val_losses[-1] < val_losses[0] < 10.0
     assert metrics["val_loss"] < 7.5  # from ln(50257) = 10.8 at initialisation
     assert metrics["params_active"] < metrics["params_total"]
+
+
+@pytest.mark.parametrize("sanity_steps,summary", [(0, False), (2, True)])
+def test_the_trainer_gets_the_sanity_validation_and_model_summary_settings(
+    tmp_path, tiny_run_config, sanity_steps, summary
+):
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from moe_gpt.config import TrainerConfig
+    from moe_gpt.training.trainer import build_trainer
+
+    settings = TrainerConfig(num_sanity_val_steps=sanity_steps, enable_model_summary=summary)
+    trainer = build_trainer(tiny_run_config(tmp_path, trainer=settings), loggers=[], callbacks=[])
+    assert trainer.num_sanity_val_steps == sanity_steps
+    assert any(isinstance(callback, ModelSummary) for callback in trainer.callbacks) == summary

@@ -23,6 +23,7 @@ import sys
 import time
 
 from moe_gpt.cli.common import ArgumentParser, entry_point
+from moe_gpt.compose import compose_run_config
 from moe_gpt.errors import CommandFailed
 
 WORKER_FLAG = "--worker"
@@ -33,7 +34,6 @@ def time_steps(overrides: list[str], steps: int) -> dict:
     step, and the process's peak resident memory."""
     import torch
 
-    from moe_gpt.compose import compose_run_config
     from moe_gpt.model.gpt import GPT
     from moe_gpt.training.run import peak_memory_mb
 
@@ -84,6 +84,7 @@ def main(argv: list[str]) -> None:
     if args.worker:
         print(json.dumps(time_steps(overrides, args.steps)))
         return
+    compose_run_config(overrides)  # bad overrides: one line here, before any worker starts
     times: dict[str, list[float]] = {setting: [] for setting in SETTINGS}
     peak_mb = {setting: 0.0 for setting in SETTINGS}
     for _ in range(args.rounds):

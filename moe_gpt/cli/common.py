@@ -55,9 +55,9 @@ def entry_point(*, runs_model: bool) -> Callable[[Callable[[list[str]], Optional
             try:
                 return command(sys.argv[1:] if argv is None else list(argv)) or 0
             except USER_ERRORS as error:
-                return report(error, EXIT_BAD_INPUT)
+                return print_error(error, EXIT_BAD_INPUT)
             except CommandFailed as error:
-                return report(error, EXIT_FAILED)
+                return print_error(error, EXIT_FAILED)
             except SystemExit as stop:
                 # argparse's --help and Hydra's own exits (train.py's jobs) end the command this way.
                 if stop.code is None or isinstance(stop.code, int):
@@ -69,6 +69,7 @@ def entry_point(*, runs_model: bool) -> Callable[[Callable[[list[str]], Optional
     return decorate
 
 
-def report(error: BaseException, exit_code: int) -> int:
+def print_error(error: BaseException, exit_code: int) -> int:
+    """``error: <one line>`` on stderr; returns ``exit_code``."""
     print(f"error: {one_line(error)}", file=sys.stderr)
     return exit_code

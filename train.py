@@ -6,4 +6,4 @@ The command lives in moe_gpt/cli/train.py (also installed as ``moe-gpt-train``).
 from moe_gpt.cli.train import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

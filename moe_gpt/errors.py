@@ -1,9 +1,9 @@
-"""How a run ends when it does not finish: its exception types and the exit codes ``train.py`` gives them.
+"""How a command ends when it does not finish: its exception types and the exit codes they give.
 
 | exit code | meaning                                                                |
 |-----------|------------------------------------------------------------------------|
-| 0         | trained to ``trainer.max_steps``; ``metrics.json`` written              |
-| 1         | a bug: Python's traceback                                              |
+| 0         | done (``train.py``: trained to ``trainer.max_steps``; ``metrics.json`` written) |
+| 1         | a bug: Python's traceback; or a failure outside the input (network, a child process): one line |
 | 2         | bad input (config, data, checkpoint): one line, nothing trained        |
 | 3         | diverged: a non-finite loss or weight; checkpoints keep the last good state |
 | 128 + N   | stopped by signal N (130 Ctrl-C, 143 SIGTERM) after saving ``last.ckpt`` |
@@ -14,8 +14,14 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+
+
+class CommandFailed(Exception):
+    """Something outside the user's input stopped a command (the network, a child process);
+    the message is one line that says what failed and what to check."""
 
 
 class Diverged(Exception):

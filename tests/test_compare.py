@@ -1,4 +1,8 @@
-"""scripts/compare.py: variant parsing, active-parameter matching, and a tiny real comparison."""
+"""scripts/compare.py: variant parsing, active-parameter matching, and a tiny real comparison.
+
+The command runs in-process (``moe_gpt.cli.compare.main(argv)``), except where a signal to compare.py
+is the subject; it still starts one train.py process per run, by design.
+"""
 
 import csv
 import json
@@ -9,6 +13,7 @@ import time
 
 import pytest
 
+from moe_gpt.cli.compare import main as compare_main
 from moe_gpt.model.analysis import parameter_counts
 from moe_gpt.compare.plan import (
     Budget,
@@ -20,7 +25,7 @@ from moe_gpt.compare.plan import (
 )
 from moe_gpt.compose import compose_run_config, merge_overrides
 from moe_gpt.config import ConfigError
-from moe_gpt.training.run_folder import folder_lock
+from moe_gpt.training.run_folder import folder_lock, write_json
 from moe_gpt.compare.variants import parse_variant, parse_variants
 from tests.helpers import REPO, TINY
 
@@ -98,21 +103,23 @@ def compare_command(out, *args) -> list[str]:
     return [sys.executable, str(REPO / "scripts" / "compare.py"), "--out", str(out), *args]
 
 
+def run_compare(capsys, out, *args) -> tuple[int, str, str]:
+    """compare.py's main in-process; its exit code, stdout and stderr."""
+    code = compare_main(["--out", str(out), *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def report_rows(out) -> list[dict]:
     return list(csv.DictReader((out / "report.csv").open()))
 
 
 @pytest.mark.slow
-def test_tiny_comparison_writes_report_table_and_plots(tmp_path, corpus_overrides):
+def test_tiny_comparison_writes_report_table_and_plots(tmp_path, corpus_overrides, capsys):
     out = tmp_path / "report"
     variants = "dense,moe:4:2,moe:3:1:num_shared_experts=1:router=sigmoid"
-    result = subprocess.run(
-        compare_command(out, "--variants", variants, *TINY, *corpus_overrides, "logger=csv"),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, _, stderr = run_compare(capsys, out, "--variants", variants, *TINY, *corpus_overrides, "logger=csv")
+    assert code == 0, stderr[-3000:]
     rows = report_rows(out)
     shared = "moe-3-1-num_shared_experts-1-router-sigmoid"
     assert [(r["budget"], r["variant"], r["status"]) for r in rows] == [
@@ -137,16 +144,11 @@ def test_tiny_comparison_writes_report_table_and_plots(tmp_path, corpus_override
 
 
 @pytest.mark.slow
-def test_a_variant_that_diverges_is_reported_with_the_reason_train_py_recorded(tmp_path, corpus_overrides):
+def test_a_variant_that_diverges_is_reported_with_the_reason_train_py_recorded(tmp_path, corpus_overrides, capsys):
     out = tmp_path / "report"
     variants = "dense,moe:4:2:z_loss_coef=1e300"  # an infinite training loss at the first step
-    result = subprocess.run(
-        compare_command(out, "--variants", variants, *TINY, *corpus_overrides, "logger=none"),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]  # a failed variant is a row of the report, not a crash
+    code, _, stderr = run_compare(capsys, out, "--variants", variants, *TINY, *corpus_overrides, "logger=none")
+    assert code == 0, stderr[-3000:]  # a failed variant is a row of the report, not a crash
     rows = report_rows(out)
     assert [(r["variant"], r["status"]) for r in rows] == [("dense", "ok"), ("moe-4-2-z_loss_coef-1e300", "failed")]
     failure = out / "tokens" / "moe-4-2-z_loss_coef-1e300" / "seed-1337" / "failure.json"
@@ -155,13 +157,15 @@ def test_a_variant_that_diverges_is_reported_with_the_reason_train_py_recorded(t
 
 
 @pytest.mark.slow
-def test_seeds_budgets_and_held_out_data_give_verdicts_and_a_rerun_keeps_finished_runs(tmp_path, corpus_overrides):
+def test_seeds_budgets_and_held_out_data_give_verdicts_and_a_rerun_keeps_finished_runs(
+    tmp_path, corpus_overrides, capsys
+):
     out, held_out = tmp_path / "report", tmp_path / "held_out.txt"
     held_out.write_text((REPO / "README.md").read_text())
     args = ["--variants", "dense,moe:4:2", "--seeds", "2", "--budget", "tokens", "--budget", "time=0.05"]
     args += ["--eval-data", str(held_out), *TINY, *corpus_overrides, "logger=none", "seed=7"]
-    result = subprocess.run(compare_command(out, *args), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, _, stderr = run_compare(capsys, out, *args)
+    assert code == 0, stderr[-3000:]
     rows = report_rows(out)
     time_budget_steps = json.loads((out / "compare.json").read_text())["time_steps"]["time-0.05min"]
     assert [(r["budget"], r["variant"], r["seed"], r["status"]) for r in rows] == [
@@ -183,20 +187,20 @@ def test_seeds_budgets_and_held_out_data_give_verdicts_and_a_rerun_keeps_finishe
     assert "95% CI" in report and "2 seeds" in report and "held-out loss on" in report
     assert (out / "time-0.05min" / "val_loss_vs_time.png").is_file() and (out / "usage_moe-4-2.png").is_file()
 
-    again = subprocess.run(compare_command(out, *args), capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("[compare] keeping") == 8 and "train.py" not in again.stdout
+    code, stdout, stderr = run_compare(capsys, out, *args)
+    assert code == 0, stderr[-3000:]
+    assert stdout.count("[compare] keeping") == 8 and "train.py" not in stdout
     assert report_rows(out) == rows
 
-    changed = subprocess.run(
-        compare_command(out, *args, "trainer.max_steps=7"), capture_output=True, text=True, timeout=900
-    )
-    assert changed.returncode == 2 and len(changed.stderr.strip().splitlines()) == 1
-    assert "holds a run with other settings: trainer.max_steps=7 (was trainer.max_steps=6)" in changed.stderr
+    code, _, stderr = run_compare(capsys, out, *args, "trainer.max_steps=7")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert "holds a run with other settings: trainer.max_steps=7 (was trainer.max_steps=6)" in stderr
 
 
 @pytest.mark.slow
-def test_a_stopped_comparison_resumes_its_interrupted_run_when_run_again(tmp_path, corpus_overrides):
+def test_a_stopped_comparison_resumes_its_interrupted_run_when_run_again(
+    tmp_path, corpus_overrides, capsys, monkeypatch
+):
     out = tmp_path / "report"
     args = ["--variants", "dense", *TINY, *corpus_overrides, "logger=none", "trainer.max_steps=400"]
     args += ["checkpoint.every_n_steps=5"]
@@ -215,27 +219,57 @@ def test_a_stopped_comparison_resumes_its_interrupted_run_when_run_again(tmp_pat
     stopped = json.loads((last.parent.parent / "failure.json").read_text())
     assert stopped["status"] == "interrupted" and 0 < stopped["step"] < 400
 
-    again = subprocess.run(compare_command("report", *args), cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "[compare] resume" in again.stdout and "resume=last" in again.stdout
+    monkeypatch.chdir(tmp_path)  # the same relative --out, in-process
+    code, stdout, stderr = run_compare(capsys, "report", *args)
+    assert code == 0, stderr[-3000:]
+    assert "[compare] resume" in stdout and "resume=last" in stdout
     assert [(r["status"], r["steps"]) for r in report_rows(out)] == [("ok", "400")]
 
 
-def test_zero_seeds_is_a_one_line_error(tmp_path):
-    result = subprocess.run(
-        compare_command(tmp_path / "r", "--seeds", "0"), capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+def test_zero_seeds_is_a_one_line_error(tmp_path, capsys):
+    code, _, stderr = run_compare(capsys, tmp_path / "r", "--seeds", "0")
+    assert code == 2 and stderr.strip().splitlines() == [
         "error: compare.seeds=0 (--seeds) must be at least 1; 3 or more give a confidence interval worth reading"
     ]
     assert not (tmp_path / "r").exists()
 
 
-def test_comparison_refuses_a_non_empty_output_directory(tmp_path):
+def test_comparison_refuses_a_non_empty_output_directory(tmp_path, capsys):
     (tmp_path / "report.md").write_text("an earlier report")
-    result = subprocess.run(compare_command(tmp_path), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "is not empty and holds no comparison" in result.stderr
+    code, _, stderr = run_compare(capsys, tmp_path)
+    assert code == 2 and "is not empty and holds no comparison" in stderr
     assert (tmp_path / "report.md").read_text() == "an earlier report"
+
+
+def test_a_comparison_folder_another_compare_is_writing_is_refused(tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "compare.json").write_text('{"time_steps": {}}')  # as the live comparison marked it
+    # An flock conflicts between two opened files even within one process: this is the live compare.py's lock.
+    with folder_lock(out, busy_message="held"):
+        code, stdout, stderr = run_compare(capsys, out, "--variants", "dense")
+    assert code == 2 and stderr.strip().splitlines() == [
+        f"error: another compare.py is writing {out} right now; wait for it or choose another --out"
+    ]
+    assert "[compare]" not in stdout and sorted(path.name for path in out.iterdir()) == [".lock", "compare.json"]
+
+
+def test_a_rerun_keeps_failed_runs_and_reports_their_recorded_reasons_without_training(tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "compare.json").write_text('{"time_steps": {}}')  # an earlier comparison into this folder
+    reasons = {"dense": "training diverged at step 3", "moe-4-2": "out of memory"}
+    for variant, reason in reasons.items():
+        run_dir = out / "tokens" / variant / "seed-1337"
+        run_dir.mkdir(parents=True)
+        write_json(run_dir / "failure.json", {"status": "failed", "error_type": "Diverged", "reason": reason})
+    code, stdout, stderr = run_compare(capsys, out, "--variants", "dense,moe:4:2")
+    assert code == 0, stderr
+    assert stdout.count("[compare] keeping") == 2 and "train.py" not in stdout  # a re-run would fail the same way
+    assert [(row["variant"], row["status"], row["reason"]) for row in report_rows(out)] == [
+        (variant, "failed", f"Diverged: {reason}") for variant, reason in reasons.items()
+    ]
+    assert "Diverged: out of memory" in (out / "report.md").read_text()
 
 
 def test_zero_experts_or_top_k_in_a_variant_is_an_error():
@@ -255,11 +289,11 @@ def test_zero_experts_or_top_k_in_a_variant_is_an_error():
         (["experiment=no_such_preset"], "no_such_preset"),
     ],
 )
-def test_bad_comparison_input_is_one_line_and_creates_nothing(tmp_path, args, message):
+def test_bad_comparison_input_is_one_line_and_creates_nothing(tmp_path, args, message, capsys):
     out = tmp_path / "report"
-    result = subprocess.run(compare_command(out, *args), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+    code, _, stderr = run_compare(capsys, out, *args)
+    assert code == 2 and message in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not out.exists()
 
 
 @pytest.mark.parametrize("spec", ["moe:4:1", "moe:8:2", "moe:7:1:num_shared_experts=1"])
@@ -323,17 +357,17 @@ def test_a_run_folder_in_use_stops_the_comparison_before_anything_trains(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_damaged_checkpoint_to_resume_is_a_row_with_train_pys_one_line_reason(tmp_path, corpus_overrides):
+def test_a_damaged_checkpoint_to_resume_is_a_row_with_train_pys_one_line_reason(tmp_path, corpus_overrides, capsys):
     out = tmp_path / "report"
     args = ["--variants", "dense", *TINY, *corpus_overrides, "logger=none"]
-    first = subprocess.run(compare_command(out, *args), capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
+    code, _, stderr = run_compare(capsys, out, *args)
+    assert code == 0, stderr[-3000:]
     run_dir = out / "tokens" / "dense" / "seed-1337"
     (run_dir / "metrics.json").unlink()  # as if killed (-9) after its last checkpoint ...
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")  # ... which the disk then damaged
 
-    again = subprocess.run(compare_command(out, *args), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    code, _, stderr = run_compare(capsys, out, *args)
+    assert code == 0, stderr[-3000:]
     [row] = report_rows(out)
     assert row["status"] == "failed" and row["reason"].startswith("checkpoint "), row["reason"]  # no log prefix
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"not a checkpoint"  # left for the user

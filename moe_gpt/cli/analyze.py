@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-from hydra.errors import HydraException
 
 from moe_gpt.model.analysis import (
     flops_per_token,
@@ -25,11 +23,9 @@ from moe_gpt.model.analysis import (
 from moe_gpt.weights.safe_load import load_model
 from moe_gpt.compose import compose_run_config
 from moe_gpt.config import ConfigError, config_warnings, project_path
-from moe_gpt.training.cpu_memory import reuse_freed_cpu_memory
-from moe_gpt.data import DataError, load_gpt2_tokenizer
+from moe_gpt.data import load_gpt2_tokenizer
 from moe_gpt.model.intermediate import to_jsonable
-from moe_gpt.errors import EXIT_BAD_INPUT, one_line
-from moe_gpt.cli.common import ArgumentParser
+from moe_gpt.cli.common import ArgumentParser, entry_point
 
 
 def analyze_config(args: argparse.Namespace) -> None:
@@ -62,7 +58,8 @@ def analyze_routing(args: argparse.Namespace) -> None:
     print(json.dumps(to_jsonable(report), indent=2))
 
 
-def main() -> None:
+@entry_point(runs_model=True)
+def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     config = commands.add_parser("config", help="parameters, FLOPs per token, memory estimate and advice for a config")
@@ -76,14 +73,9 @@ def main() -> None:
     routing.add_argument("--tokenizer-dir", default="data/tokenizer", help="relative paths count from the project root")
     routing.add_argument("--intermediate", action="store_true", help="include the full intermediate data")
     routing.set_defaults(run=analyze_routing)
-    args = parser.parse_args()
-    reuse_freed_cpu_memory()
-    try:
-        args.run(args)
-    except (ConfigError, DataError, HydraException) as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+    args = parser.parse_args(argv)
+    args.run(args)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -25,10 +25,10 @@ import time
 import torch
 
 from moe_gpt.config import GPTConfig, MoEConfig
-from moe_gpt.training.cpu_memory import reuse_freed_cpu_memory
+from moe_gpt.errors import EXIT_FAILED
 from moe_gpt.model.experts import FeedForward
 from moe_gpt.model.moe import MoELayer
-from moe_gpt.cli.common import ArgumentParser
+from moe_gpt.cli.common import ArgumentParser, entry_point
 
 IMPLS = ("auto", "grouped_mm", "loop")
 GOALS = {(8, 2): 1.10, (16, 2): 1.25, (64, 8): 1.25}  # (experts, top_k) -> most grouped / dense
@@ -68,7 +68,8 @@ def parse_setting(spec: str) -> tuple[int, int]:
     return int(experts), int(top_k)
 
 
-def main() -> None:
+@entry_point(runs_model=True)  # as training runs
+def main(argv: list[str]) -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=4096, help="batch x sequence length")
@@ -76,8 +77,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    args = parser.parse_args()
-    reuse_freed_cpu_memory()  # as training does (train.py)
+    args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     print(
         f"device={args.device} dtype={args.dtype} tokens={args.tokens} n_embd={args.n_embd} threads={torch.get_num_threads()}"
@@ -104,8 +104,9 @@ def main() -> None:
         print(f"| {experts} | {top_k} | {1000 * t['dense']:.1f} | {ratios} | {verdict} |")
     if missed and args.device == "cpu" and args.dtype == "float32":
         print(f"goal missed at {', '.join(missed)}", file=sys.stderr)
-        sys.exit(1)
+        return EXIT_FAILED
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

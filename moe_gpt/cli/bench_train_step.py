@@ -22,7 +22,9 @@ import subprocess
 import sys
 import time
 
-from moe_gpt.cli.common import ArgumentParser
+from moe_gpt.cli.common import ArgumentParser, entry_point
+from moe_gpt.compose import compose_run_config
+from moe_gpt.errors import CommandFailed
 
 WORKER_FLAG = "--worker"
 
@@ -32,12 +34,9 @@ def time_steps(overrides: list[str], steps: int) -> dict:
     step, and the process's peak resident memory."""
     import torch
 
-    from moe_gpt.compose import compose_run_config
-    from moe_gpt.training.cpu_memory import reuse_freed_cpu_memory
     from moe_gpt.model.gpt import GPT
     from moe_gpt.training.run import peak_memory_mb
 
-    reuse_freed_cpu_memory()  # as train.py does, unless the setting turned it off
     cfg = compose_run_config(overrides)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model)
@@ -70,19 +69,22 @@ def run_worker(overrides: list[str], steps: int, setting: str) -> dict:
     command = [sys.executable, "-m", "moe_gpt.cli.bench_train_step", WORKER_FLAG, "--steps", str(steps), *overrides, *extra_overrides]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        sys.exit(f"benchmark worker failed: {result.stderr.strip().splitlines()[-1]}")
+        raise CommandFailed(f"benchmark worker failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+# Each worker keeps freed memory as train.py does, unless its setting turned that off.
+@entry_point(runs_model=True)
+def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per process")
     parser.add_argument("--rounds", type=int, default=2, help="processes per setting, alternating")
     parser.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
-    args, overrides = parser.parse_known_args()
+    args, overrides = parser.parse_known_args(argv)
     if args.worker:
         print(json.dumps(time_steps(overrides, args.steps)))
         return
+    compose_run_config(overrides)  # bad overrides: one line here, before any worker starts
     times: dict[str, list[float]] = {setting: [] for setting in SETTINGS}
     peak_mb = {setting: 0.0 for setting in SETTINGS}
     for _ in range(args.rounds):
@@ -101,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

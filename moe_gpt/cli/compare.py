@@ -26,50 +26,27 @@ Exit status: 0 with a report (a failed run is a row of it), 2 for bad input (one
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-from hydra.errors import HydraException
-
-from moe_gpt.model.analysis import flops_per_token, routing_report
-from moe_gpt.weights.safe_load import load_model
-from moe_gpt.compare.plan import (
-    STATE_FILE,
-    Budget,
-    PlannedRun,
-    calibration_run,
-    load_state,
-    parse_budgets,
-    plan_run,
-    save_state,
-    seconds_per_step,
-    steps_for_minutes,
-    what_to_do,
-)
-from moe_gpt.compare.report import ReportContext, write_report
+from moe_gpt.cli.common import ArgumentParser, entry_point
+from moe_gpt.compare.held_out import cached_held_out_loss, eval_data_config
+from moe_gpt.compare.plan import STATE_FILE, PlannedRun, load_state, parse_budgets, save_state
+from moe_gpt.compare.report import ReportContext, usage_heatmap, write_report
+from moe_gpt.compare.runner import plan_budget, train
+from moe_gpt.compare.variants import MATCH_RULES, MATCHING, parse_variants
 from moe_gpt.compose import compose_run_config, merge_overrides, override_key
-from moe_gpt.config import PROJECT_ROOT, CompareConfig, ConfigError, RunConfig
+from moe_gpt.config import PROJECT_ROOT, CompareConfig, ConfigError, DataConfig, RunConfig
+from moe_gpt.errors import Interrupted
+from moe_gpt.model.analysis import flops_per_token
 from moe_gpt.training.console import tidy_lightning_logging
-from moe_gpt.training.cpu_memory import reuse_freed_cpu_memory
-from moe_gpt.data import DataError, TokenDataModule
-from moe_gpt.training.expert_usage import usage_heatmap_png
-from moe_gpt.compare.held_out import eval_data_config, held_out_loss
-from moe_gpt.errors import EXIT_BAD_INPUT, Interrupted, one_line
-from moe_gpt.cli.common import ArgumentParser
 from moe_gpt.training.preemption import stop_signals_raise
-from moe_gpt.training.run_folder import folder_lock, read_record, run_outcome, write_json
-from moe_gpt.compare.variants import MATCH_RULES, MATCHING, Variant, parse_variants
+from moe_gpt.training.run_folder import folder_lock
 
 DEFAULT_EXPERIMENT = "experiment=compare_small"
-HEATMAP_WINDOWS = 16  # validation windows routed for each usage heatmap
-HELD_OUT_FILE = "held_out.json"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -95,16 +72,13 @@ def settings(args: argparse.Namespace, configured: CompareConfig) -> CompareConf
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    reuse_freed_cpu_memory()
+@entry_point(runs_model=True)
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
     tidy_lightning_logging()
     try:
         with stop_signals_raise():
-            compare(args)
-    except (ConfigError, DataError, HydraException) as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+            compare(args, " ".join(["python scripts/compare.py", *argv]))
     except Interrupted as stop:
         # Interrupted's own message speaks of one run's step; this process ran many.
         name = signal.Signals(stop.signum).name
@@ -112,10 +86,12 @@ def main(argv: list[str] | None = None) -> None:
             f"compare.py: stopped by {name}; run the same command again to go on (finished runs are kept)",
             file=sys.stderr,
         )
-        sys.exit(stop.exit_code)
+        return stop.exit_code
+    return 0
 
 
-def compare(args: argparse.Namespace) -> None:
+def compare(args: argparse.Namespace, command: str) -> None:
+    """Plan, train and report the comparison ``args`` asks for; ``command`` is how the report says it was run."""
     given = args.overrides
     base = given if any(override_key(o) == "experiment" for o in given) else [DEFAULT_EXPERIMENT, *given]
     run_config = compose_run_config(base)
@@ -146,83 +122,12 @@ def compare(args: argparse.Namespace) -> None:
                 for name, reason in untimed.items()
                 for seed in seeds
             ]
-        context = ReportContext(
-            " ".join(["python scripts/compare.py", *sys.argv[1:]]), MATCH_RULES[chosen.match], seeds, chosen.eval_data
-        )
+        context = ReportContext(command, MATCH_RULES[chosen.match], seeds, chosen.eval_data)
         print(write_report(rows, budgets, out_dir, context))
 
 
-def plan_budget(
-    budget: Budget, variants: list[Variant], seeds: list[int], base: list[str], out_dir: Path, done: list[dict]
-) -> tuple[list[PlannedRun], dict[str, str]]:
-    """The runs of one budget, every one checked against what ``out_dir`` already holds, and the
-    variants a time budget could not time (with why)."""
-    steps: dict[str, Optional[int]] = {variant.name: None for variant in variants}
-    untimed: dict[str, str] = {}
-    if budget.kind == "time":
-        steps, untimed = time_budget_steps(budget, variants, seeds[0], base, out_dir, done)
-    runs = [
-        plan_run(out_dir, budget, v, seed, base, steps[v.name]) for v in variants if v.name in steps for seed in seeds
-    ]
-    for run in runs:
-        what_to_do(run)  # a folder with other settings stops the comparison before anything trains
-    return runs, untimed
-
-
-def time_budget_steps(
-    budget: Budget, variants: list[Variant], seed: int, base: list[str], out_dir: Path, done: list[dict]
-) -> tuple[dict[str, int], dict[str, str]]:
-    """Steps that take each variant ``budget.minutes`` of training, from its measured speed, chosen
-    once per comparison folder (compare.json) so a re-run trains exactly the same runs; and the
-    variants that could not be timed (their runs failed), with the reason."""
-    state = load_state(out_dir)
-    chosen = state["time_steps"].setdefault(budget.name, {})
-    untimed = {}
-    for variant in variants:
-        if variant.name in chosen:
-            continue
-        finished = [row for row in done if row["variant"] == variant.name and row["status"] == "ok"]
-        if not finished:
-            calibration = calibration_run(out_dir, variant, seed, base)
-            timed = train(calibration)
-            if timed["status"] != "ok":
-                untimed[variant.name] = f"could not time it: {timed['reason']}"
-                continue
-            finished = [timed]
-        chosen[variant.name] = steps_for_minutes(budget.minutes, seconds_per_step(finished))
-        print(f"[compare] {budget.name}: {variant.spec} gets {chosen[variant.name]} steps", flush=True)
-    save_state(out_dir, state)
-    return chosen, untimed
-
-
-def train(run: PlannedRun) -> dict[str, Any]:
-    """Run train.py for ``run`` (or keep what it left, or resume it); its outcome."""
-    action = what_to_do(run)
-    if action == "keep":
-        print(f"[compare] keeping {run.run_dir} (finished earlier; delete the folder to retrain it)", flush=True)
-        return run_outcome(run.run_dir)
-    extra = ["resume=last"] if action == "resume" else []
-    command = [sys.executable, str(PROJECT_ROOT / "train.py"), *run.overrides, *extra, f"hydra.run.dir={run.run_dir}"]
-    print(f"[compare] {action} {run.run_dir}: {' '.join(command[2:])}", flush=True)
-    # From the folder compare.py was started in, so data.paths mean what they mean to train.py.
-    process = subprocess.Popen(command, env=os.environ, stderr=subprocess.PIPE, text=True)
-    try:
-        _, stderr = process.communicate()
-    except Interrupted as stop:
-        process.send_signal(stop.signum)  # the run saves last.ckpt and stops; a re-run resumes it
-        process.wait()
-        raise
-    outcome = run_outcome(run.run_dir)
-    if process.returncode != 0 and outcome["status"] == "incomplete":
-        # Bad input writes no record (the run never claimed its folder): its last line says why.
-        last = next((line for line in reversed(stderr.splitlines()) if line.strip()), "no output")
-        last = re.sub(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - ", "", last)  # the message, without the log line's prefix
-        return {"status": "failed", "reason": last}
-    return outcome
-
-
 def train_and_report(
-    run: PlannedRun, run_config: RunConfig, out_dir: Path, eval_data, chosen: CompareConfig
+    run: PlannedRun, run_config: RunConfig, out_dir: Path, eval_data: Optional[DataConfig], chosen: CompareConfig
 ) -> dict[str, Any]:
     """Train one run; its row of the report (with its held-out loss, and a heatmap for the first MoE run)."""
     row = {"budget": run.budget.name, "variant": run.variant.name, "seed": run.seed, **train(run)}
@@ -231,34 +136,12 @@ def train_and_report(
         return row
     best = run.run_dir / "checkpoints" / "best.ckpt"
     if eval_data is not None:
-        row["held_out_loss"] = held_out(run.run_dir, best, eval_data, chosen.eval_data, run_config)
+        row["held_out_loss"] = cached_held_out_loss(run.run_dir, best, eval_data, chosen.eval_data, run_config.trainer)
     heatmap = out_dir / f"usage_{run.variant.name}.png"
     if run_config.model.use_moe and not heatmap.exists():
         usage_heatmap(best, run_config, heatmap)
     return row
 
 
-def held_out(run_dir: Path, best: Path, eval_data, spec: str, run_config: RunConfig) -> float:
-    """The best checkpoint's loss on the held-out corpus, kept in the run folder for re-runs."""
-    path = run_dir / HELD_OUT_FILE
-    cached = read_record(path) if path.is_file() else {}
-    if cached.get("eval_data") == spec:
-        return cached["loss"]
-    result = held_out_loss(best, eval_data, run_config.trainer.limit_val_batches, run_config.trainer)
-    write_json(path, {"eval_data": spec, "checkpoint": str(best), **result})
-    return result["loss"]
-
-
-def usage_heatmap(checkpoint: Path, run: RunConfig, out_path: Path) -> None:
-    """Route a few validation windows through the best checkpoint and draw layer x expert shares."""
-    model = load_model(checkpoint)
-    datamodule = TokenDataModule(run.data, block_size=run.model.block_size, seed=run.seed)
-    datamodule.setup("validate")
-    count = min(HEATMAP_WINDOWS, len(datamodule.val_dataset))
-    idx = torch.stack([datamodule.val_dataset[i][0] for i in range(count)])
-    report = routing_report(model, idx)
-    out_path.write_bytes(usage_heatmap_png([layer["expert_share"] for layer in report["moe_layers"]]))
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,33 +9,21 @@ unless --overwrite is given.
 
 from __future__ import annotations
 
-import sys
-from typing import Optional
-
 from moe_gpt.weights.safe_load import load_model
-from moe_gpt.config import ConfigError
-from moe_gpt.training.cpu_memory import reuse_freed_cpu_memory
 from moe_gpt.weights.hf import export_hf_gpt2
-from moe_gpt.errors import EXIT_BAD_INPUT, one_line
-from moe_gpt.cli.common import ArgumentParser
+from moe_gpt.cli.common import ArgumentParser, entry_point
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+@entry_point(runs_model=True)
+def main(argv: list[str]) -> None:
     parser = ArgumentParser(description="Export a dense moe-gpt checkpoint in Hugging Face GPT-2 format.")
     parser.add_argument("--checkpoint", required=True, help="a .ckpt from a dense run's checkpoints/ folder")
     parser.add_argument("--out", required=True, help="directory to write config.json and model.safetensors into")
     parser.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")
     args = parser.parse_args(argv)
-    reuse_freed_cpu_memory()
-
-    try:
-        directory = export_hf_gpt2(load_model(args.checkpoint), args.out, overwrite=args.overwrite)
-    except ConfigError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    directory = export_hf_gpt2(load_model(args.checkpoint), args.out, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} to {directory}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

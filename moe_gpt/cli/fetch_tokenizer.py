@@ -19,10 +19,10 @@ import tempfile
 from pathlib import Path
 
 
-from moe_gpt.config import PROJECT_ROOT
+from moe_gpt.config import PROJECT_ROOT, ConfigError
 from moe_gpt.data.tokenizer import GPT2_RANKS_SHA256, RANKS_FILENAME
-from moe_gpt.errors import EXIT_BAD_INPUT
-from moe_gpt.cli.common import ArgumentParser
+from moe_gpt.errors import CommandFailed
+from moe_gpt.cli.common import ArgumentParser, entry_point
 
 WHISPER_SDIST = "openai-whisper==20250625"
 MEMBER_SUFFIX = "/whisper/assets/gpt2.tiktoken"
@@ -50,11 +50,11 @@ def download_sdist(workdir: Path) -> Path:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"error: `pip download {WHISPER_SDIST}` failed ({last_line}); check that PyPI is reachable")
+        raise CommandFailed(f"`pip download {WHISPER_SDIST}` failed ({last_line}); check that PyPI is reachable")
     archives = sorted(workdir.glob("*.tar.gz"))
     if not archives:
-        raise SystemExit(
-            f"error: pip downloaded no .tar.gz for {WHISPER_SDIST} into {workdir}; check pip's configuration"
+        raise CommandFailed(
+            f"pip downloaded no .tar.gz for {WHISPER_SDIST} into {workdir}; check pip's configuration"
         )
     return archives[0]
 
@@ -64,7 +64,7 @@ def extract_ranks(archive: Path) -> bytes:
         for member in tar.getmembers():
             if member.isfile() and member.name.endswith(MEMBER_SUFFIX):
                 return tar.extractfile(member).read()
-    raise SystemExit(f"error: {archive.name} has no *{MEMBER_SUFFIX}; the pinned package version may have changed")
+    raise CommandFailed(f"{archive.name} has no *{MEMBER_SUFFIX}; the pinned package version may have changed")
 
 
 def write_atomically(data: bytes, target: Path) -> None:
@@ -83,7 +83,8 @@ def write_atomically(data: bytes, target: Path) -> None:
         raise
 
 
-def main(argv: list[str] | None = None) -> None:
+@entry_point(runs_model=False)
+def main(argv: list[str]) -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=PROJECT_ROOT / "data" / "tokenizer", help="where gpt2.tiktoken goes")
     target = parser.parse_args(argv).dir / RANKS_FILENAME
@@ -93,11 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{target} is already present and verified; nothing to do")
             return
         # Never replace a file we did not write: the user may want to look at it first.
-        print(
-            f"error: {target} exists but is not GPT-2's ranks (sha256 mismatch); move it away and rerun",
-            file=sys.stderr,
-        )
-        sys.exit(EXIT_BAD_INPUT)
+        raise ConfigError(f"{target} exists but is not GPT-2's ranks (sha256 mismatch); move it away and rerun")
 
     if tiktoken_has_gpt2():
         print("tiktoken can already load gpt2 here; fetching a local copy anyway for offline runs")
@@ -105,12 +102,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"downloading {WHISPER_SDIST} (source archive) with pip ...")
         data = extract_ranks(download_sdist(Path(workdir)))
     if sha256_of(data) != GPT2_RANKS_SHA256:
-        raise SystemExit(
-            f"error: gpt2.tiktoken from {WHISPER_SDIST} has sha256 {sha256_of(data)}, not the pinned GPT-2 hash; refusing it"
+        raise CommandFailed(
+            f"gpt2.tiktoken from {WHISPER_SDIST} has sha256 {sha256_of(data)}, not the pinned GPT-2 hash; refusing it"
         )
     write_atomically(data, target)
     print(f"wrote {target} ({len(data)} bytes, sha256 verified)")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

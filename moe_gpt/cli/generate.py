@@ -11,21 +11,18 @@ printed one after another, each under a "--- sample N ---" line.
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Optional
 
 import torch
 
 from moe_gpt.weights.safe_load import load_model
 from moe_gpt.config import ConfigError, project_path
-from moe_gpt.data import DataError, load_gpt2_tokenizer
+from moe_gpt.data import load_gpt2_tokenizer
 from moe_gpt.data.tokenizer import ENDOFTEXT, GPT2_N_VOCAB
 from moe_gpt.model.generate import check_sampling_arguments, generate
-from moe_gpt.errors import EXIT_BAD_INPUT, one_line
-from moe_gpt.cli.common import ArgumentParser
+from moe_gpt.cli.common import ArgumentParser, entry_point
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = ArgumentParser(description="Sample text from a moe-gpt training checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="a .ckpt from a run's checkpoints/ folder")
     parser.add_argument(
@@ -83,17 +80,11 @@ def sample_texts(args: argparse.Namespace) -> list[str]:
     return [tokenizer.decode(row) for row in tokens.tolist()]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        samples = sample_texts(args)
-    except (ConfigError, DataError) as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    for number, text in enumerate(samples, start=1):
+@entry_point(runs_model=True)
+def main(argv: list[str]) -> None:
+    for number, text in enumerate(sample_texts(parse_args(argv)), start=1):
         print(f"--- sample {number} ---\n{text}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

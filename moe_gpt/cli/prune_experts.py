@@ -15,36 +15,33 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from hydra.errors import HydraException
 
-from moe_gpt.weights.safe_load import load_model, read_checkpoint
+from moe_gpt.weights.safe_load import read_checkpoint
 from moe_gpt.compose import compose_run_config, merge_overrides, override_key
 from moe_gpt.config import ConfigError, RunConfig
-from moe_gpt.training.cpu_memory import reuse_freed_cpu_memory
-from moe_gpt.data import DataError
 from moe_gpt.model.gpt import GPT
-from moe_gpt.errors import EXIT_BAD_INPUT, one_line
-from moe_gpt.cli.common import ArgumentParser
+from moe_gpt.cli.common import ArgumentParser, entry_point
 from moe_gpt.weights.prune import (
     Measurement,
     check_keep,
     experts_to_keep,
+    load_moe_model,
     measure,
     prune_experts,
     pruned_checkpoint,
-    pruning_overrides,
+    training_overrides,
+    validation_batches,
 )
 from moe_gpt.training.resume import Resume, saved_overrides
 
 DEFAULT_WINDOWS = 64
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a .ckpt of an MoE run, e.g. <run>/checkpoints/best.ckpt")
     parser.add_argument("--keep", type=int, required=True, help="experts each MoE layer keeps")
@@ -66,14 +63,6 @@ def output_path(checkpoint: Path, keep: int, out: Optional[str]) -> Path:
     return path
 
 
-def load_moe_model(path: Path) -> GPT:
-    """The checkpoint's GPT in eval mode; a dense model is refused (it has nothing to prune)."""
-    model = load_model(path)
-    if not model.moe_layers():
-        raise ConfigError(f"{path} is a dense model (model.use_moe=false): it has no experts to prune")
-    return model
-
-
 def run_config(path: Path, checkpoint: dict, overrides: list[str]) -> RunConfig:
     """The config of the run that wrote the checkpoint, with ``overrides`` (data, seed) applied."""
     model_keys = [o for o in overrides if override_key(o).split(".")[0].split("/")[0] == "model"]
@@ -83,23 +72,6 @@ def run_config(path: Path, checkpoint: dict, overrides: list[str]) -> RunConfig:
     if saved is None:
         print(f"note: {path} has no record of its run's overrides; usage is measured on {overrides or 'the defaults'}")
     return compose_run_config(merge_overrides(saved or [], overrides))
-
-
-def validation_batches(run: RunConfig, block_size: int, windows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``windows`` validation windows of the run's data, in batches of data.batch_size."""
-    # Imports Lightning (seconds): only once the arguments are checked.
-    from moe_gpt.data import TokenDataModule
-
-    datamodule = TokenDataModule(run.data, block_size=block_size, seed=run.seed)
-    datamodule.setup("validate")
-    count = min(windows, len(datamodule.val_dataset))
-    pairs = [datamodule.val_dataset[i] for i in range(count)]
-    size = run.data.batch_size
-    return [batch(pairs[start : start + size]) for start in range(0, count, size)]
-
-
-def batch(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
 
 
 def save_new_file(checkpoint: dict, path: Path) -> None:
@@ -163,23 +135,10 @@ def prune(args: argparse.Namespace) -> None:
     print(f"train from it: python train.py {shlex.join(training_overrides(result, model, pruned, out))}")
 
 
-def training_overrides(result: dict, original: GPT, pruned: GPT, out: Path) -> list[str]:
-    """train.py overrides that start a run from the pruned checkpoint: its run's (pruned) overrides, or the changes."""
-    recorded = saved_overrides(Resume(out, result))
-    changes = recorded if recorded is not None else pruning_overrides(original.config.moe, pruned.config.moe)
-    return [*changes, f"init_from={out}"]
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    reuse_freed_cpu_memory()
-    args = parse_args(argv)
-    try:
-        prune(args)
-    except (ConfigError, DataError, HydraException) as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+@entry_point(runs_model=True)
+def main(argv: list[str]) -> None:
+    prune(parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

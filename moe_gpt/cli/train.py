@@ -19,18 +19,17 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from moe_gpt.cli.common import USER_ERRORS, entry_point
 from moe_gpt.compose import CONFIG_DIR
-from moe_gpt.config import ConfigError, RunConfig, register_schema
+from moe_gpt.config import RunConfig, register_schema
 from moe_gpt.training.cpu_memory import reuse_freed_cpu_memory
-from moe_gpt.data import DataError
 from moe_gpt.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, Diverged, Interrupted, one_line
 
 if TYPE_CHECKING:
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("train")
 register_schema()
 
-USER_ERRORS = (ConfigError, DataError, HydraException)  # bad input: one line, exit code 2, no traceback
 # What a failed job returns to the sweeper. Not NaN: hydra-optuna-sweeper 1.3.0 answers a NaN by
 # telling optuna a failed trial *with* a value, which optuna rejects, ending the whole study.
 # +inf is the worst possible loss: the study goes on and TPE learns to avoid that region.
@@ -132,19 +130,17 @@ def save_config_files(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> N
     OmegaConf.save(OmegaConf.create(overrides), folder / "overrides.yaml")
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """``python train.py <argv>`` (``argv`` defaults to the command line); exits like train.py."""
+# Each Hydra job keeps freed CPU memory itself (train_job), sweep jobs included.
+@entry_point(runs_model=False)
+def main(argv: list[str]) -> None:
+    """``python train.py <argv>``; returns train.py's exit code (moe_gpt/errors.py)."""
     # Hydra prints its own composition errors over 7-15 lines and exits 1; with this set it raises
     # them instead, and they get the one-line, exit-code-2 treatment of any bad input.
     saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    if argv is not None:
-        sys.argv = ["train.py", *argv]  # Hydra reads its command line from sys.argv
+    sys.argv = ["train.py", *argv]  # Hydra reads its command line from sys.argv
     try:
         train_job()
-    except HydraException as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
     finally:
         sys.argv = saved_argv
         if saved_full_error is None:
@@ -154,4 +150,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -3,7 +3,8 @@
 The corpus is a data option of ``configs/data`` (``shakespeare``, ``wikitext103``, ...) or a local
 file or folder, tokenized with the run's own tokenizer and token cache. The loss is the pure
 language-model cross-entropy of Lightning's validation loop over windows spread evenly across the
-whole corpus (both of its splits: none of it was trained on).
+whole corpus (both of its splits: none of it was trained on). Each run keeps its loss in
+``held_out.json``, so a re-run of the comparison evaluates only what it has not evaluated yet.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from moe_gpt.compose import CONFIG_DIR, compose_run_config
 from moe_gpt.config import ConfigError, DataConfig, OptimConfig, TrainerConfig
 from moe_gpt.data import TokenDataModule
 from moe_gpt.training.lit_module import GPTLightningModule
+from moe_gpt.training.run_folder import read_record, write_json
+
+HELD_OUT_FILE = "held_out.json"
 
 
 def data_options() -> list[str]:
@@ -63,3 +67,16 @@ def held_out_loss(checkpoint: Path, data: DataConfig, batches: int, trainer: Tra
     )
     loss = evaluator.validate(module, dataloaders=loader, verbose=False)[0]["val/loss"]
     return {"loss": loss, "windows": count, "tokens": count * model.config.block_size}
+
+
+def cached_held_out_loss(run_dir: Path, checkpoint: Path, data: DataConfig, spec: str, trainer: TrainerConfig) -> float:
+    """``held_out_loss`` of ``checkpoint`` on the corpus ``spec`` names (``data``, as ``eval_data_config``
+    gives), over ``trainer.limit_val_batches`` batches; kept in ``run_dir`` and read from there when
+    it was computed for the same ``spec``."""
+    path = run_dir / HELD_OUT_FILE
+    cached = read_record(path) if path.is_file() else {}
+    if cached.get("eval_data") == spec:
+        return cached["loss"]
+    result = held_out_loss(checkpoint, data, trainer.limit_val_batches, trainer)
+    write_json(path, {"eval_data": spec, "checkpoint": str(checkpoint), **result})
+    return result["loss"]

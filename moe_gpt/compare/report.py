@@ -2,7 +2,8 @@
 
 A row is one run: its budget, variant and seed, its status, and (when it finished) its
 ``metrics.json`` numbers, plus ``held_out_loss`` with ``--eval-data``. With one seed the table has
-a line per run; with several, a line per variant (means, and the val loss as mean ± std).
+a line per run; with several, a line per variant (means, and the val loss as mean ± std). Each MoE
+variant also gets a picture of how its best checkpoint routes validation windows (``usage_heatmap``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from moe_gpt.compare.plan import Budget
+from moe_gpt.config import RunConfig
+from moe_gpt.model.analysis import routing_report
+from moe_gpt.training.expert_usage import usage_heatmap_png
+from moe_gpt.weights.prune import validation_batches
+from moe_gpt.weights.safe_load import load_model
 from moe_gpt.reporting import MFU_FORMAT, cell, markdown_table, plot, write_csv, write_reported
 from moe_gpt.compare.verdict import paired_difference, spread, verdict
 
@@ -53,6 +61,7 @@ CSV_COLUMNS = [
     "wall_time_s",
 ]
 MILLIONS = ("params_total", "params_active", "train_tokens")
+HEATMAP_WINDOWS = 16  # validation windows routed for each usage heatmap
 
 
 @dataclass(frozen=True)
@@ -208,3 +217,12 @@ def write_report(rows: list[dict], budgets: list[Budget], out_dir: Path, context
         write_reported(out_dir / "report.csv", lambda path: write_csv(path, CSV_COLUMNS, rows)),
     ]
     return "\n\n".join(printed) + "\n\nwrote:\n" + "\n".join(written)
+
+
+def usage_heatmap(checkpoint: Path, run: RunConfig, out_path: Path) -> None:
+    """Route the first validation windows of the run's data through ``checkpoint``; draw each MoE
+    layer's share of token-slots per expert into ``out_path`` (PNG)."""
+    model = load_model(checkpoint)
+    windows = torch.cat([x for x, _ in validation_batches(run, model.config.block_size, HEATMAP_WINDOWS)])
+    report = routing_report(model, windows)
+    out_path.write_bytes(usage_heatmap_png([layer["expert_share"] for layer in report["moe_layers"]]))

@@ -18,16 +18,17 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
 
-from moe_gpt.weights.safe_load import MODEL_PREFIX, model_config, model_state_dict
+from moe_gpt.weights.safe_load import MODEL_PREFIX, load_model, model_config, model_state_dict
 from moe_gpt.compose import merge_overrides
-from moe_gpt.config import ConfigError, MoEConfig
+from moe_gpt.config import ConfigError, MoEConfig, RunConfig
 from moe_gpt.model.gpt import GPT
-from moe_gpt.training.resume import RUN_RECORD
+from moe_gpt.training.resume import RUN_RECORD, Resume, saved_overrides
 
 log = logging.getLogger(__name__)
 
@@ -238,3 +239,35 @@ def measure(model: GPT, batches: Iterable[tuple[Tensor, Tensor]]) -> Measurement
 def slot_counts(intermediate: list[Optional[dict[str, Any]]]) -> list[Tensor]:
     """Per MoE layer, the token-slots that chose each expert (dense blocks have no entry)."""
     return [item["moe"]["expert_outputs"]["tokens_per_expert"].double().cpu() for item in intermediate if item]
+
+
+def load_moe_model(path: Path) -> GPT:
+    """The checkpoint's GPT in eval mode; a dense model is refused (it has nothing to prune)."""
+    model = load_model(path)
+    if not model.moe_layers():
+        raise ConfigError(f"{path} is a dense model (model.use_moe=false): it has no experts to prune")
+    return model
+
+
+def validation_batches(run: RunConfig, block_size: int, windows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``windows`` validation windows of the run's data, in batches of data.batch_size."""
+    # Imports Lightning (seconds): only once the arguments are checked.
+    from moe_gpt.data import TokenDataModule
+
+    datamodule = TokenDataModule(run.data, block_size=block_size, seed=run.seed)
+    datamodule.setup("validate")
+    count = min(windows, len(datamodule.val_dataset))
+    pairs = [datamodule.val_dataset[i] for i in range(count)]
+    size = run.data.batch_size
+    return [batch(pairs[start : start + size]) for start in range(0, count, size)]
+
+
+def batch(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+
+
+def training_overrides(result: dict, original: GPT, pruned: GPT, out: Path) -> list[str]:
+    """train.py overrides that start a run from the pruned checkpoint: its run's (pruned) overrides, or the changes."""
+    recorded = saved_overrides(Resume(out, result))
+    changes = recorded if recorded is not None else pruning_overrides(original.config.moe, pruned.config.moe)
+    return [*changes, f"init_from={out}"]

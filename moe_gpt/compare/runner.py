@@ -1,0 +1,122 @@
+"""Running a comparison's runs: each one ``train.py`` in its own process, and a time budget's step counts.
+
+One process per run keeps peak memory per run (a comparison trains many models one after another)
+and gives each run train.py's own records: ``metrics.json`` or ``failure.json`` in its folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from moe_gpt.compare.plan import (
+    Budget,
+    PlannedRun,
+    calibration_run,
+    load_state,
+    plan_run,
+    save_state,
+    seconds_per_step,
+    steps_for_minutes,
+    what_to_do,
+)
+from moe_gpt.compare.variants import Variant
+from moe_gpt.config import PROJECT_ROOT
+from moe_gpt.errors import Interrupted
+from moe_gpt.training.run_folder import run_outcome
+
+TRAIN_SCRIPT = PROJECT_ROOT / "train.py"
+LOG_PREFIX = re.compile(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - ")  # train.py's log line: [time][logger][LEVEL] -
+
+
+def train_command(run: PlannedRun, resume: bool) -> list[str]:
+    """The command line that trains ``run`` into its folder (continuing its ``last.ckpt`` when ``resume``)."""
+    extra = ["resume=last"] if resume else []
+    return [sys.executable, str(TRAIN_SCRIPT), *run.overrides, *extra, f"hydra.run.dir={run.run_dir}"]
+
+
+def train(run: PlannedRun) -> dict[str, Any]:
+    """Run train.py for ``run`` (or keep what it left, or resume it); its outcome.
+
+    A stop signal that reaches this process (Interrupted) is passed on to the run, which saves
+    ``last.ckpt`` and stops; then it is raised again, so a re-run resumes the run.
+    """
+    action = what_to_do(run)
+    if action == "keep":
+        print(f"[compare] keeping {run.run_dir} (finished earlier; delete the folder to retrain it)", flush=True)
+        return run_outcome(run.run_dir)
+    command = train_command(run, resume=action == "resume")
+    print(f"[compare] {action} {run.run_dir}: {' '.join(command[2:])}", flush=True)
+    returncode, stderr = run_passing_signals_on(command)
+    outcome = run_outcome(run.run_dir)
+    if returncode != 0 and outcome["status"] == "incomplete":
+        # Bad input writes no record (the run never claimed its folder): its last line says why.
+        return {"status": "failed", "reason": last_message(stderr)}
+    return outcome
+
+
+def run_passing_signals_on(command: list[str]) -> tuple[int, str]:
+    """Run ``command`` to its end; its exit code and stderr. A stop signal this process gets while it
+    runs (as Interrupted, see moe_gpt/training/preemption.py) is sent to the child, which is awaited."""
+    # From the folder compare.py was started in, so data.paths mean what they mean to train.py.
+    process = subprocess.Popen(command, env=os.environ, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = process.communicate()
+    except Interrupted as stop:
+        process.send_signal(stop.signum)
+        process.wait()
+        raise
+    return process.returncode, stderr
+
+
+def last_message(stderr: str) -> str:
+    """The last non-empty line of a run's stderr, without the log line's prefix."""
+    last = next((line for line in reversed(stderr.splitlines()) if line.strip()), "no output")
+    return LOG_PREFIX.sub("", last)
+
+
+def plan_budget(
+    budget: Budget, variants: list[Variant], seeds: list[int], base: list[str], out_dir: Path, done: list[dict]
+) -> tuple[list[PlannedRun], dict[str, str]]:
+    """The runs of one budget, every one checked against what ``out_dir`` already holds, and the
+    variants a time budget could not time (with why)."""
+    steps: dict[str, Optional[int]] = {variant.name: None for variant in variants}
+    untimed: dict[str, str] = {}
+    if budget.kind == "time":
+        steps, untimed = time_budget_steps(budget, variants, seeds[0], base, out_dir, done)
+    runs = [
+        plan_run(out_dir, budget, v, seed, base, steps[v.name]) for v in variants if v.name in steps for seed in seeds
+    ]
+    for run in runs:
+        what_to_do(run)  # a folder with other settings stops the comparison before anything trains
+    return runs, untimed
+
+
+def time_budget_steps(
+    budget: Budget, variants: list[Variant], seed: int, base: list[str], out_dir: Path, done: list[dict]
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Steps that take each variant ``budget.minutes`` of training, from its measured speed (its
+    finished runs in ``done``, or a calibration run), chosen once per comparison folder (compare.json)
+    so a re-run trains exactly the same runs; and the variants that could not be timed (their runs
+    failed), with the reason."""
+    state = load_state(out_dir)
+    chosen = state["time_steps"].setdefault(budget.name, {})
+    untimed = {}
+    for variant in variants:
+        if variant.name in chosen:
+            continue
+        finished = [row for row in done if row["variant"] == variant.name and row["status"] == "ok"]
+        if not finished:
+            timed = train(calibration_run(out_dir, variant, seed, base))
+            if timed["status"] != "ok":
+                untimed[variant.name] = f"could not time it: {timed['reason']}"
+                continue
+            finished = [timed]
+        chosen[variant.name] = steps_for_minutes(budget.minutes, seconds_per_step(finished))
+        print(f"[compare] {budget.name}: {variant.spec} gets {chosen[variant.name]} steps", flush=True)
+    save_state(out_dir, state)
+    return chosen, untimed

@@ -1,0 +1,62 @@
+"""Every entry point as a user starts it: one real process each, plus the console scripts pyproject installs.
+
+The behaviour of each command is tested in-process through its ``main(argv)``; these tests check
+only what a process adds: the wrapper script runs that main and passes its exit code on.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from tests.helpers import REPO
+
+# script -> (arguments, exit code, text its output holds): the cheapest real thing each can do.
+RUNS = {
+    "train.py": (["model.moe.nope=1"], 2, "error: Could not override 'model.moe.nope'"),
+    "scripts/analyze.py": (["config", "model=dense"], 0, '"model": "dense"'),
+    "scripts/bench_moe.py": (["--help"], 0, "usage: bench_moe.py"),
+    "scripts/bench_train_step.py": (["--help"], 0, "usage: bench_train_step.py"),
+    "scripts/compare.py": (["--match", "biggest"], 2, "invalid choice: 'biggest'"),
+    "scripts/export_hf.py": (["--help"], 0, "usage: export_hf.py"),
+    "scripts/fetch_tokenizer.py": (["--dir", str(REPO / "data" / "tokenizer")], 0, "already present and verified"),
+    "scripts/generate.py": (["--help"], 0, "usage: generate.py"),
+    "scripts/prune_experts.py": (["--help"], 0, "usage: prune_experts.py"),
+    "scripts/summarize_sweep.py": (["--help"], 0, "usage: summarize_sweep.py"),
+}
+
+
+def console_scripts() -> dict[str, str]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def cli_modules_with_main() -> set[str]:
+    names = {path.stem for path in (REPO / "moe_gpt" / "cli").glob("*.py")} - {"__init__", "common"}
+    return {name for name in names if callable(getattr(importlib.import_module(f"moe_gpt.cli.{name}"), "main", None))}
+
+
+def test_every_command_is_a_console_script_named_after_its_module_and_has_a_wrapper_script():
+    commands = cli_modules_with_main()
+    assert console_scripts() == {f"moe-gpt-{name.replace('_', '-')}": f"moe_gpt.cli.{name}:main" for name in commands}
+    wrappers = {path.removeprefix("scripts/").removesuffix(".py") for path in RUNS}
+    assert wrappers == commands  # train.py's wrapper sits at the top, the others in scripts/
+
+
+@pytest.mark.slow  # ten interpreters that import torch: ~3-5 s each on 2 cores
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_every_wrapper_script_runs_its_command_and_passes_its_exit_code_on(script):
+    args, code, text = RUNS[script]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == code, result.stderr[-2000:]
+    assert text in result.stdout + result.stderr
+    if code == 2:  # bad input: exactly one line
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    if script == "scripts/analyze.py":
+        assert json.loads(result.stdout)["params_total"] > 0

@@ -84,7 +84,7 @@ class MoEConfig:
     eval_capacity_factor: Optional[float] = None  # the same outside training; None: capacity_factor
     num_shared_experts: int = 0  # always-on experts of hidden_size each, added to the routed ones (DeepSeekMoE)
     experts_impl: str = "auto"  # auto | grouped_mm | blocked (moe_gpt/model/expert_kernels.py) | loop (the reference)
-    growth_noise: float = 0.01  # progressive growth (init_from fewer experts): copies get this relative noise
+    growth_noise: float = 0.01  # progressive growth (init_from fewer experts): copies get noise of this x each row's std
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 1, f"model.moe.num_experts={self.num_experts} must be >= 1")

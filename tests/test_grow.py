@@ -19,10 +19,9 @@ TINY = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32, 
 TINY_RUN_MOE = GPTConfig(
     block_size=32, n_layer=2, n_head=2, n_embd=32, use_moe=True, moe=MoEConfig(num_experts=2, top_k=1)
 )
-# Default growth_noise=0.01, measured over 180 random models (softmax and sigmoid, (E, k, m) in (2,1,2), (4,2,2),
-# (4,1,3)): per token, max |grown - source| logit <= 1.13e-3 (logits of std ~0.09), except where the noise flips a
-# near-tied routing choice in a later layer: at most 1 token in 32 of a model, by up to 0.065.
-DEFAULT_NOISE_LOGIT_ATOL = 2e-3
+# With the default growth_noise=0.01, per token, the largest logit change is under this share of the logits' std on
+# at least MOST_TOKENS of the tokens (grow.py's docstring gives the measured numbers).
+DEFAULT_NOISE_LOGIT_SHARE = 0.02
 MOST_TOKENS = 0.9
 
 
@@ -91,22 +90,47 @@ def test_dense_blocks_and_shared_experts_are_kept_as_they_are():
     torch.testing.assert_close(logits(model), logits(source), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
-def test_with_the_default_noise_the_logits_stay_close_and_the_copies_differ(router, seed):
-    source = random_moe(num_experts=4, top_k=2, router=router)
-    model = grown(source, 2, torch.Generator().manual_seed(seed))
-    per_token = (logits(model) - logits(source)).abs().amax(dim=-1)
-    assert per_token.mean() > 1e-5  # the copies are not the experts again
-    # Tokens whose routing the noise flips may move further (see DEFAULT_NOISE_LOGIT_ATOL); most must not.
-    assert (per_token < DEFAULT_NOISE_LOGIT_ATOL).float().mean() >= MOST_TOKENS
+def random_default_moe(n_embd: int, router: str) -> GPT:
+    """The default mini MoE GPT at width n_embd, with random weights whose activations keep their scale at any width."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_embd=n_embd, moe=MoEConfig(router=router))).eval()
+    std = 0.1 * (32 / n_embd) ** 0.5  # 0.1 at width 32, as random_moe
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, std)
+        for layer in model.moe_layers():
+            layer.router.gate.weight.normal_(0.0, 10 * std)  # decided routing, as a trained router's
+    return model
+
+
+# 128: the default mini model; 32 and 256 show the share does not grow with the width.
+@pytest.mark.parametrize("n_embd,router", [(32, "softmax"), (128, "softmax"), (128, "sigmoid"), (256, "softmax")])
+def test_with_the_default_noise_most_tokens_logits_move_by_under_2_percent_at_any_width(n_embd, router):
+    source = random_default_moe(n_embd, router)
+    model = grown(source, 2, torch.Generator().manual_seed(0))  # 8 -> 16 experts, top_k 2 -> 4
+    idx = torch.randint(0, source.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        source_logits, grown_logits = source(idx).logits, model(idx).logits
+    per_token = (grown_logits - source_logits).abs().amax(dim=-1) / source_logits.std()
+    assert per_token.median() > 1e-3  # the copies are not the experts again
+    # Tokens whose near-tied routing the noise flips may move further; most must not.
+    assert (per_token < DEFAULT_NOISE_LOGIT_SHARE).float().mean() >= MOST_TOKENS
+
+
+def test_each_copy_gets_noise_relative_to_the_row_it_perturbs():
+    source = random_moe(num_experts=4, top_k=2)
+    with torch.no_grad():  # rows spanning 100x in scale, as a trained layer's units and experts may
+        for layer in source.moe_layers():
+            rows = layer.experts.c_fc_weight.shape[0] * layer.experts.c_fc_weight.shape[1]
+            layer.experts.c_fc_weight.mul_(torch.logspace(-1, 1, rows).view(4, -1, 1))
+    model = grown(source, 2, torch.Generator().manual_seed(0))
     for source_layer, layer in zip(source.moe_layers(), model.moe_layers()):
-        for name in ("c_fc_weight", "c_proj_weight"):
+        for name in ("c_fc_weight", "c_proj_weight", "c_fc_bias", "c_proj_bias"):
             before, after = getattr(source_layer.experts, name), getattr(layer.experts, name)
             assert torch.equal(after[0::2], before)  # copy 0 of every expert is the expert itself
-            noise = after[1::2] - before
-            # growth_noise=0.01 of the source tensor's std (here 0.1): copies differ, but only slightly.
-            assert noise.std().item() == pytest.approx(0.01 * before.std().item(), rel=0.1)
+            ratio = ((after[1::2] - before).std(dim=-1) / before.std(dim=-1)).flatten()
+            for rows in ratio.chunk(2):  # growth_noise=0.01 of each row's own std: the small rows as the large ones
+                assert rows.mean().item() == pytest.approx(0.01, rel=0.15), name
 
 
 def test_the_same_generator_grows_the_same_weights():

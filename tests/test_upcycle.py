@@ -46,9 +46,91 @@ def test_upcycled_model_computes_what_the_dense_model_did(num_experts, top_k, ev
     torch.testing.assert_close(logits(moe), logits(dense), rtol=1e-4, atol=1e-5)
 
 
-def test_without_normalized_top_k_the_upcycled_model_differs():
+@pytest.fixture(scope="module")
+def default_size_dense() -> tuple[GPT, torch.Tensor, torch.Tensor]:
+    """The default mini model made dense, with random weights, a batch of tokens and its logits.
+
+    A 1024-token vocabulary instead of GPT-2's keeps the test fast: upcycling never touches the embeddings.
+    """
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1024, use_moe=False)).eval()
+    with torch.no_grad():  # nonzero biases and gains: a weight left behind by the upcycling changes the logits
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.05)
+    idx = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model, idx, model(idx).logits
+
+
+def decided_routers(model: GPT) -> None:
+    """Router weights far from their init: routing is exact whatever it chooses, so make it choose unevenly."""
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            layer.router.gate.weight.normal_(0.0, 1.0)  # top_p then keeps one expert for some tokens, two for others
+            if layer.router.selection_bias is not None:
+                layer.router.selection_bias.normal_(0.0, 0.1)
+
+
+ROUTERS = [
+    {"router": "softmax"},
+    {"router": "noisy"},
+    {"router": "sigmoid"},
+    {"router": "softmax", "top_p": 0.5},
+    {"router": "sigmoid", "top_p": 0.5},
+    {"router": "noisy", "top_p": 0.5},
+]
+LAYOUTS = [{}, {"every_n_layers": 2}, {"first_k_dense": 1}]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: "-".join(f"{k}={v}" for k, v in layout.items()) or "all")
+@pytest.mark.parametrize("load_balance", ["switch", "aux_free"])
+@pytest.mark.parametrize("num_groups", [1, 2])
+@pytest.mark.parametrize("num_shared_experts", [0, 1])
+@pytest.mark.parametrize("routing", ROUTERS, ids=lambda r: "-".join(map(str, r.values())))
+def test_upcycling_the_default_model_is_exact_in_every_routing_and_layout(
+    default_size_dense, routing, num_shared_experts, num_groups, load_balance, layout
+):
+    dense, idx, dense_logits = default_size_dense
+    moe = MoEConfig(
+        num_shared_experts=num_shared_experts, num_groups=num_groups, load_balance=load_balance, **routing, **layout
+    )
+    model = upcycle(dense, moe)
+    assert (model.config.moe.num_experts, model.config.moe.top_k) == (8, 2) and model.config.n_embd == 128
+    decided_routers(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, dense_logits, rtol=0, atol=1e-5)
+
+
+def test_shared_experts_start_silent_the_first_reading_the_dense_features():
     dense = random_dense()
-    moe = upcycle(dense, MoEConfig(num_experts=4, top_k=2, normalize_top_k=False))
+    model = upcycle(dense, MoEConfig(num_experts=4, num_shared_experts=2))
+    shared, mlp = model.transformer.h[0].mlp.shared_experts, dense.transformer.h[0].mlp
+    assert torch.equal(shared.c_fc.weight[:128], mlp.c_fc.weight) and torch.equal(shared.c_fc.bias[:128], mlp.c_fc.bias)
+    # The second shared expert keeps its GPT-2 init: a copy of the first would get the same updates forever.
+    assert shared.c_fc.weight[128:].std().item() == pytest.approx(0.02, rel=0.2)
+    assert not shared.c_proj.weight.any() and not shared.c_proj.bias.any()
+
+
+@pytest.mark.parametrize("key", ["capacity_factor", "eval_capacity_factor"])
+def test_a_capacity_that_drops_slots_is_refused_naming_the_key(key):
+    with pytest.raises(ConfigError) as error:
+        upcycle(random_dense(), MoEConfig(num_experts=8, top_k=2, **{key: 1.25}))
+    message = str(error.value)
+    assert message.startswith(f"model.moe.{key}=1.25 drops token-slots") and "null (dropless) or >= 4" in message
+    assert "\n" not in message
+
+
+def test_a_capacity_too_large_to_drop_anything_is_exact():
+    dense = random_dense()
+    moe = upcycle(dense, MoEConfig(num_experts=8, top_k=2, capacity_factor=4.0, eval_capacity_factor=4.0))
+    torch.testing.assert_close(logits(moe), logits(dense), rtol=1e-4, atol=1e-5)
+
+
+def test_without_normalized_top_k_the_upcycled_model_differs_with_a_warning(caplog):
+    dense = random_dense()
+    with caplog.at_level(logging.WARNING, logger="moe_gpt.weights.upcycle"):
+        moe = upcycle(dense, MoEConfig(num_experts=4, top_k=2, normalize_top_k=False))
+    assert "model.moe.normalize_top_k=false: each upcycled MLP's output is scaled" in caplog.text
     assert not torch.allclose(logits(moe), logits(dense), rtol=1e-4, atol=1e-5)
 
 
@@ -154,3 +236,9 @@ def test_training_an_moe_model_upcycled_from_a_hf_gpt2(hf_gpt2_dir, tiny_run_con
     hf_wpe = GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).transformer.wpe.weight
     # Two AdamW steps at lr <= 1e-3 move a weight by ~2e-3; a fresh init would be ~0.1 away.
     assert (trained.transformer.wpe.weight - hf_wpe).abs().max() < 0.01
+
+
+def test_init_from_refuses_to_upcycle_into_a_run_that_drops_slots(hf_gpt2_dir, tiny_run_config, tmp_path):
+    run = replace(TINY_RUN_MOE, moe=MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0))
+    with pytest.raises(ConfigError, match=r"^model\.moe\.capacity_factor=1\.0 drops token-slots .* or >= 2 to upcycle$"):
+        initial_weights(tiny_run_config(tmp_path, model=run, init_from=str(hf_gpt2_dir)))

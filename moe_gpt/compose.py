@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 
-from moe_gpt.config import PROJECT_ROOT, RunConfig, register_schema
+from moe_gpt.config import PROJECT_ROOT, ConfigError, RunConfig, register_schema
 
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
@@ -18,9 +23,30 @@ def compose_run_config(overrides: list[str], run_dir: str = "unused") -> RunConf
     return OmegaConf.to_object(cfg)
 
 
+@cache
+def _parser() -> OverridesParser:
+    return OverridesParser.create()
+
+
+def _parse_override(override: str) -> Override:
+    """One command-line override, read by Hydra's own grammar (so ``+``, ``++``, ``~`` and quoting mean what
+    they mean to ``train.py``)."""
+    try:
+        (parsed,) = _parser().parse_overrides([override])
+    except OverrideParseException as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(
+            f"the override {override!r} is not valid Hydra syntax ({reason}); write key=value, and quote a value "
+            "that contains '=' or spaces: key='a=b'"
+        ) from None
+    return parsed
+
+
 def override_key(override: str) -> str:
-    """``model.n_layer`` for ``model.n_layer=6``, ``+x=1``, ``++x=1`` and ``~x``."""
-    return override.split("=", 1)[0].lstrip("+~")
+    """``model.n_layer`` for ``model.n_layer=6``, ``+model.n_layer=6``, ``++model.n_layer=6`` and ``~model.n_layer``
+    (``group@package`` for a config group placed at another package)."""
+    parsed = _parse_override(override)
+    return parsed.key_or_group if parsed.package is None else f"{parsed.key_or_group}@{parsed.package}"
 
 
 def merge_overrides(earlier: list[str], later: list[str]) -> list[str]:

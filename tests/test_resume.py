@@ -1,5 +1,8 @@
 """Resume and preemption through the real CLI: kill -9, SIGTERM, Ctrl-C, SLURM requeue, and what a resume may change.
 
+Runs that receive signals or are killed run train.py as a process of their own; the others call its
+``main(argv)`` here.
+
 "The same run" means: every weight of the final checkpoint equal with atol=0, and the same
 per-step training losses, validation losses and token counts as the run left alone.
 """
@@ -18,6 +21,7 @@ import pytest
 import torch
 import yaml
 
+from moe_gpt.cli.train import main as train_main
 from moe_gpt.errors import Interrupted
 from moe_gpt.training.preemption import stop_signals_raise
 from tests.helpers import (
@@ -26,7 +30,6 @@ from tests.helpers import (
     csv_column,
     error_lines,
     folder_state,
-    run_train_cli,
     start_train_cli,
     wait_for_file,
 )
@@ -43,11 +46,19 @@ RESUMABLE = TINY + [
 ]
 
 
+def train_cli(args: list[str]) -> int:
+    """``python train.py <args>`` in this process: its exit code."""
+    try:
+        train_main(args)
+    except SystemExit as stopped:
+        return stopped.code
+    return 0
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, corpus_overrides) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_train_cli(RESUMABLE + corpus_overrides + [f"hydra.run.dir={run_dir}"], cwd=run_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert train_cli(RESUMABLE + corpus_overrides + [f"hydra.run.dir={run_dir}"]) == 0
     return run_dir
 
 
@@ -70,8 +81,7 @@ def assert_same_run(expected: Path, actual: Path) -> None:
 
 def resume_last(run_dir: Path) -> None:
     """``resume=last`` with nothing else repeated: the run's own settings come from its checkpoint."""
-    result = run_train_cli([f"hydra.run.dir={run_dir}", "resume=last"], cwd=run_dir.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert train_cli([f"hydra.run.dir={run_dir}", "resume=last"]) == 0
 
 
 @pytest.mark.parametrize(
@@ -128,8 +138,7 @@ def dense_run(tmp_path_factory, corpus_overrides) -> Path:
     """A dense run of 3 steps, logged to W&B (offline), to resume in various ways."""
     run_dir = tmp_path_factory.mktemp("dense") / "run"
     args = TINY + corpus_overrides + ["model=dense", "logger=wandb", "trainer.max_steps=3", f"hydra.run.dir={run_dir}"]
-    result = run_train_cli(args, cwd=run_dir.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert train_cli(args) == 0
     return run_dir
 
 
@@ -143,31 +152,31 @@ def dense_run(tmp_path_factory, corpus_overrides) -> Path:
         ("seed=7", "resume=last: seed differs from the run being resumed"),
     ],
 )
-def test_a_resume_whose_change_cannot_take_effect_is_refused_and_writes_nothing(dense_run, override, message):
+def test_a_resume_whose_change_cannot_take_effect_is_refused_and_writes_nothing(dense_run, override, message, capsys):
     before = folder_state(dense_run)
     args = [f"hydra.run.dir={dense_run}", "resume=last", "trainer.max_steps=5", override]  # the override wins
-    result = run_train_cli(args, cwd=dense_run.parent)
-    assert result.returncode == 2
-    errors = error_lines(result.stderr)
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert train_cli(args) == 2
+    stderr = capsys.readouterr().err
+    errors = error_lines(stderr)
+    assert len(errors) == 1 and message in errors[0], stderr[-2000:]
     assert folder_state(dense_run) == before
 
 
-def test_resume_uses_the_runs_own_config_applies_new_optimizer_values_and_continues_its_logs(dense_run, tmp_path):
+def test_resume_uses_the_runs_own_config_applies_new_optimizer_values_and_continues_its_logs(
+    dense_run, tmp_path, capsys
+):
     # Copied, so the refusal tests above keep a 3-step run to work on.
     run_dir = tmp_path / "run"
     shutil.copytree(dense_run, run_dir)
-    result = run_train_cli(
-        [f"hydra.run.dir={run_dir}", "resume=last", "trainer.max_steps=6", "optim.lr=5e-4"], cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert train_cli([f"hydra.run.dir={run_dir}", "resume=last", "trainer.max_steps=6", "optim.lr=5e-4"]) == 0
+    stderr = capsys.readouterr().err
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["model"] == "dense" and metrics["steps"] == 6  # model=dense was not repeated
     assert metrics["train_tokens"] == 6 * 4 * 32
     assert [entry["step"] for entry in metrics["val_history"]] == [3, 6]  # the first session's point is kept
     assert metrics["val_history"][1]["seconds"] > metrics["val_history"][0]["seconds"]
-    assert "resumed optimizer follows this run's optim settings: initial_lr 0.001 -> 0.0005" in result.stderr
+    assert "resumed optimizer follows this run's optim settings: initial_lr 0.001 -> 0.0005" in stderr
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
     assert "model=dense" in overrides and overrides[-3:] == ["resume=last", "trainer.max_steps=6", "optim.lr=5e-4"]
     # One W&B run per folder: the resumed session logs to the same run id.

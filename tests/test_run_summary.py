@@ -1,10 +1,16 @@
 """How a run ends: the printed summary, summary.txt, curves.png, and throughput that leaves validation out."""
 
 import json
+import math
+import time
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.callbacks import Callback
 
+from moe_gpt.training import run
+from moe_gpt.training.clock import TrainingClock
+from moe_gpt.training.run import run_callbacks
 from moe_gpt.training.summary import summary_text
 from tests.helpers import TINY, csv_column, run_train_cli, train_in_process
 
@@ -33,22 +39,66 @@ def test_a_run_ends_with_a_summary_whose_continue_command_works_even_without_a_l
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 2 * metrics["steps"]
 
 
-def test_tokens_per_second_leaves_validation_out(tmp_path, corpus_overrides):
-    # Validation after every step, 40 batches each: most of the wall time is validation.
-    overrides = ["trainer.val_check_interval=1", "trainer.limit_val_batches=40", "logger=none"]
+class ValidationProbe(Callback):
+    """Makes every validation during fit last at least ``pause`` seconds, and notes (on Lightning's Timer
+    clock, time.monotonic) when training started and ended and when each validation ran."""
+
+    def __init__(self, pause: float):
+        self.pause = pause
+        self.train_window: list[float] = []
+        self.validations: list[tuple[float, float]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.train_window.append(time.monotonic())
+
+    def on_train_end(self, trainer, pl_module):
+        self.train_window.append(time.monotonic())
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.validations.append((time.monotonic(), math.nan))
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            time.sleep(self.pause)  # inside the validation: every callback's validation hooks surround it
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.validations[-1] = (self.validations[-1][0], time.monotonic())
+
+    def training_seconds_until(self, moment: float) -> float:
+        """Seconds from the start of training to ``moment``, without the validations that ended before it."""
+        pauses = sum(end - start for start, end in self.validations if end <= moment)
+        return moment - self.train_window[0] - pauses
+
+
+def test_train_seconds_and_tokens_per_second_leave_validation_out(tmp_path, corpus_overrides, monkeypatch):
+    # Two validations of at least PAUSE seconds each; HOOK_SLACK covers the microseconds between one
+    # callback's hook and the next (a scheduler's pause included), far below the 2 s validation takes.
+    pause, hook_slack = 1.0, 0.4
+    probe = ValidationProbe(pause)
+    monkeypatch.setattr(run, "run_callbacks", lambda *args, **kwargs: [*run_callbacks(*args, **kwargs), probe])
+    overrides = ["trainer.max_steps=4", "trainer.val_check_interval=2", "logger=csv"]
     metrics = train_in_process(TINY + corpus_overrides + overrides, tmp_path)
+
+    assert len(probe.validations) == 2 and all(end - start >= pause for start, end in probe.validations)
+    assert metrics["train_seconds"] == pytest.approx(probe.training_seconds_until(probe.train_window[1]), abs=hook_slack)
+    # The x axis of loss-against-time curves: the training seconds when each validation began.
+    for entry, (start, _) in zip(metrics["val_history"], probe.validations, strict=True):
+        assert entry["seconds"] == pytest.approx(probe.training_seconds_until(start), abs=hook_slack)
+    # One throughput figure: metrics.json's, and the same running figure on the progress bar and in the logs.
     assert metrics["tokens_per_sec"] == pytest.approx(metrics["train_tokens"] / metrics["train_seconds"])
-    assert metrics["train_seconds"] < 0.5 * metrics["wall_time_s"]
-    assert metrics["tokens_per_sec"] > 2 * metrics["train_tokens"] / metrics["wall_time_s"]
-    # The x axis of loss-against-time curves leaves validation out too.
-    assert metrics["val_history"][-1]["seconds"] <= 1.25 * metrics["train_seconds"]
-    assert metrics["mfu"] is None
+    logged = csv_column(tmp_path, "train/tokens_per_sec")
+    assert [step for step, _ in logged] == [0, 1, 2, 3]  # every batch (steps counted from 0)
+    assert logged[-1][1] >= metrics["tokens_per_sec"]  # logged at the last batch's end, before training ended
+    assert metrics["mfu"] is None and not csv_column(tmp_path, "train/mfu")  # no known peak for a CPU
 
 
-def test_lightnings_throughput_monitor_logs_tokens_per_second(tmp_path, corpus_overrides):
-    train_in_process(TINY + corpus_overrides + ["logger=csv", "trainer.max_steps=12"], tmp_path)
-    logged = csv_column(tmp_path, "train/device/items_per_sec")  # items: tokens, over a 10-batch window
-    assert logged and all(value > 0 for _, value in logged)
+def test_a_resumed_clock_starts_from_the_training_seconds_it_saved():
+    clock = TrainingClock()
+    clock.load_state_dict({"time_elapsed": {"train": 12.5, "validate": 3.0}})
+    assert clock.train_seconds == 12.5 and clock.session_seconds == 0.0
+    assert clock.state_dict()["time_elapsed"]["train"] == 12.5
 
 
 def test_summary_names_every_logger_and_formats_missing_values():

@@ -55,12 +55,15 @@ def train_job(cfg: DictConfig) -> float:
     """One Hydra job: a single run, or one job of a sweep."""
     reuse_freed_cpu_memory()  # here, not at import: also in sweep jobs, which call train_job() directly
     # Imported after Hydra parsed the command line, so --help and --cfg stay instant.
+    from lightning.pytorch.utilities import rank_zero_only
+
     from moe_gpt.training.console import tidy_lightning_logging
     from moe_gpt.training.run import RunRecord, train
-    from moe_gpt.training.run_folder import is_global_zero
+    from moe_gpt.training.run_folder import settle_rank_before_trainer
 
     tidy_lightning_logging()
-    if not is_global_zero():
+    settle_rank_before_trainer()
+    if rank_zero_only.rank != 0:
         logging.getLogger().setLevel(logging.ERROR)  # the other processes of a run: their errors only
     hydra_cfg = HydraConfig.get()
     record = RunRecord(overrides=list(hydra_cfg.overrides.task))
@@ -77,12 +80,14 @@ def train_job(cfg: DictConfig) -> float:
 
 def end_failed_job(error: BaseException, cfg: DictConfig, record: "RunRecord", in_sweep: bool) -> float:
     """Record why the job failed, then exit with its code, or (in a sweep) return the worst objective."""
-    from moe_gpt.training.run_folder import FolderRefused, has_checkpoints, is_global_zero, record_failure
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from moe_gpt.training.run_folder import FolderRefused, has_checkpoints, record_failure
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # Into a folder this run does not own (another run's checkpoints, a live run) nothing is written.
     foreign = isinstance(error, FolderRefused) or has_checkpoints(run_dir)
-    if is_global_zero() and (record.claimed or not foreign):
+    if rank_zero_only.rank == 0 and (record.claimed or not foreign):
         if not (run_dir / ".hydra").is_dir():  # a sweep summary finds its jobs by these files
             save_config_files(run_dir, cfg, record.overrides)
         record_failure(run_dir, error, record.overrides, step=getattr(error, "step", None))

@@ -12,15 +12,14 @@ Every write goes through Lightning's ``trainer.save_checkpoint``: to a temporary
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 
+from moe_gpt.training.lightning_internals import collect_rng_states, set_rng_states, validation_follows
 from moe_gpt.training.resume import RUN_RECORD
 
 
@@ -50,16 +49,6 @@ class LastCheckpoint(Checkpoint):
         if self._due_after_validation and not trainer.sanity_checking:
             self._due_after_validation = False
             save_checkpoint_and_logs(trainer, self.path)
-
-
-def validation_follows(trainer: L.Trainer) -> bool:
-    """Whether Lightning validates right after the current training batch.
-
-    A checkpoint of a step that is validated is saved after the validation: one saved before it
-    would, on resume, skip that validation (Lightning does not repeat it), losing its val/loss.
-    """
-    # Lightning's rule for an integer val_check_interval with check_val_every_n_epoch=None (trainer.py).
-    return (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % trainer.val_check_batch == 0
 
 
 def save_checkpoint_and_logs(trainer: L.Trainer, path: Path) -> None:
@@ -94,33 +83,15 @@ class RNGStateCallback(Callback):
         if self._to_restore is None:
             return
         if len(self._to_restore) == trainer.world_size:
-            _set_rng_state(self._to_restore[trainer.global_rank])
+            set_rng_states(self._to_restore[trainer.global_rank])
         self._to_restore = None
 
 
 def _rng_state() -> dict[str, Any]:
-    # Plain values and tensors only, so checkpoints load with weights_only=True.
-    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
-    random.setstate(_as_tuples(state["python"]))
-
-
-def _as_tuples(value: Any) -> Any:
-    """random.setstate wants the tuples that getstate gave (a checkpoint may hand back lists)."""
-    return tuple(_as_tuples(item) for item in value) if isinstance(value, (list, tuple)) else value
+    state = collect_rng_states()
+    # numpy's key array as plain ints (np.random.set_state takes a list), so checkpoints load with weights_only=True.
+    kind, keys, *rest = state["numpy"]
+    return {**state, "numpy": [kind, keys.tolist(), *rest]}
 
 
 class RunRecordCallback(Callback):

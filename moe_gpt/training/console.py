@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import BatchesProcessedColumn, CustomBarColumn
-from rich.progress import ProgressColumn, Task, TextColumn
+from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
 # Lightning's info lines that advertise other products; nothing in them is about this run.
@@ -35,6 +35,8 @@ def tidy_lightning_logging() -> None:
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
     # Lightning warns whenever checkpoints/ is not empty, resumes included; run_folder.py decides who writes there.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # The CSV logger's folder holds the earlier session's files on resume; ContinuingCSVLogger keeps its rows.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 class RemainingTimeColumn(ProgressColumn):
@@ -51,6 +53,19 @@ class RemainingTimeColumn(ProgressColumn):
         return Text(
             "eta " + ("-:--:--" if remaining is None else str(timedelta(seconds=int(remaining)))), style=self.style
         )
+
+
+class StepDescriptionColumn(ProgressColumn):
+    """``train`` for the training bar (Lightning's ``Epoch 0/-2`` means nothing when runs end at max_steps),
+    Lightning's own description (``Validation``) for the others."""
+
+    def __init__(self, bar: RichProgressBar):
+        self.bar = bar
+        super().__init__()
+
+    def render(self, task: Task) -> Text:
+        description = "train" if task.id == self.bar.train_progress_bar_id else task.description
+        return Text(description, style="progress.description")
 
 
 class StepProgressBar(RichProgressBar):
@@ -73,7 +88,7 @@ class StepProgressBar(RichProgressBar):
 
     def configure_columns(self, trainer) -> list:
         return [
-            TextColumn("[progress.description]{task.description}"),
+            StepDescriptionColumn(self),
             CustomBarColumn(
                 bar_width=self.BAR_WIDTH,
                 complete_style=self.theme.progress_bar,
@@ -83,6 +98,3 @@ class StepProgressBar(RichProgressBar):
             BatchesProcessedColumn(style=self.theme.batch_progress),
             RemainingTimeColumn(style=self.theme.time),
         ]
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        return "train"

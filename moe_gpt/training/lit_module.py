@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict
 from typing import Any
 
@@ -33,19 +32,8 @@ class GPTLightningModule(L.LightningModule):
         self.max_steps = max_steps
         self.model = GPT(model_config)
         self.val_loss = MeanMetric()
-        # Progress that must survive a resume: saved in and restored from checkpoints.
-        self.tokens_seen = 0  # training tokens, all processes together
-        self.val_history: list[dict[str, float]] = []  # one entry per validation during fit
-        self.train_history: list[dict[str, float]] = []  # training loss every log_every_n_steps steps
-        self._seconds_before_this_fit = 0.0  # training wall time of earlier sessions of this run
-        self.start_step = 0  # global step this fit started from (non-zero when resumed)
-        self.tokens_at_start = 0
-        self._fit_started = time.perf_counter()
-        self._validation_seconds = 0.0  # validation inside this fit session, not training time
-        self._validation_started: float | None = None
-        self._training_ended: float | None = None
-        self._last_batch_end = None
-        self._tokens_per_batch = 0  # per process, set by the first training batch
+        # Training tokens, all processes together: saved in and restored from checkpoints.
+        self.tokens_seen = 0
         self.train_flops_per_token = flops_per_token(model_config)["train_flops_per_token"]
         # One sequence through forward() lets Lightning's model summary report FLOPs and sizes.
         self.example_input_array = torch.zeros(1, model_config.block_size, dtype=torch.long)
@@ -54,39 +42,11 @@ class GPTLightningModule(L.LightningModule):
         """Logits for token ids (B, T); training and validation steps call the GPT directly."""
         return self.model(idx).logits
 
-    @property
-    def train_seconds(self) -> float:
-        """Seconds this run has spent training so far, earlier sessions included, validation excluded
-        (the x axis of loss-against-time curves and what a time budget counts)."""
-        return self._seconds_before_this_fit + self.session_training_seconds
-
-    @property
-    def session_training_seconds(self) -> float:
-        """Seconds this session spent training: from the start of training to its end, without its
-        validations, the one running now included (and without the setup and sanity check before it)."""
-        now = time.perf_counter()
-        end = self._training_ended if self._training_ended is not None else now
-        validating = now - self._validation_started if self._validation_started is not None else 0.0
-        return end - self._fit_started - self._validation_seconds - validating
-
-    def on_train_end(self) -> None:
-        self._training_ended = time.perf_counter()  # later work (a final validate()) is not training
-
-    @property
-    def flops_per_batch(self) -> int:
-        """Training FLOPs of one batch on all processes together, for Lightning's ThroughputMonitor (and MFU)."""
-        return self.train_flops_per_token * self._tokens_per_batch * self.trainer.world_size
-
     def on_train_start(self) -> None:
-        self.start_step = self.trainer.global_step
-        self.tokens_at_start = self.tokens_seen
-        self._fit_started = time.perf_counter()
-        self._validation_seconds = 0.0
         self._apply_optim_config()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        self._tokens_per_batch = x.numel()
         out = self.model(x, y)
         self._stop_if_diverged(out.loss)
         # Counted here, not at batch end: callbacks that checkpoint at batch end run before the module's hook.
@@ -133,35 +93,6 @@ class GPTLightningModule(L.LightningModule):
         for layer, load in zip(layers, loads):
             layer.update_selection_bias(load)
 
-    def on_train_batch_end(self, outputs, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._record_train_loss(outputs["loss"])
-        tokens = batch[0].numel() * self.trainer.world_size
-        # Wall time between consecutive batch ends covers data loading and the optimizer step.
-        now = time.perf_counter()
-        if self._last_batch_end is not None:
-            self.log("train/tokens_per_sec", tokens / (now - self._last_batch_end), prog_bar=True)
-        self._last_batch_end = now
-
-    def _record_train_loss(self, loss: Tensor) -> None:
-        """For curves.png: the loss of the step's last batch (averaged over processes), every log interval."""
-        step = self.trainer.global_step
-        recorded = self.train_history[-1]["step"] if self.train_history else -1
-        if step == recorded or step % self.trainer.log_every_n_steps != 0:
-            return
-        if self.trainer.world_size > 1:
-            loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
-        self.train_history.append({"step": step, "tokens": self.tokens_seen, "loss": loss.item()})
-
-    def on_validation_start(self) -> None:
-        self._last_batch_end = None  # the pause for validation is not training throughput
-        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
-            self._validation_started = time.perf_counter()
-
-    def on_validation_end(self) -> None:
-        if self._validation_started is not None:
-            self._validation_seconds += time.perf_counter() - self._validation_started
-            self._validation_started = None
-
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         # Pure language-model cross-entropy (the router losses never enter val/loss), averaged
@@ -173,32 +104,13 @@ class GPTLightningModule(L.LightningModule):
         self.val_loss.reset()
         self.log_dict({"val/loss": val_loss, "val/ppl": torch.exp(val_loss)}, prog_bar=True, sync_dist=True)
         self._log_epochs()
-        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
-            # For loss-against-tokens and loss-against-time curves (scripts/compare.py).
-            self.val_history.append(
-                {
-                    "step": self.trainer.global_step,
-                    "tokens": self.tokens_seen,
-                    "seconds": self.train_seconds,
-                    "val_loss": val_loss.item(),
-                }
-            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         _refuse_non_finite_weights(checkpoint["state_dict"], self.trainer.global_step)
-        checkpoint["progress"] = {
-            "tokens_seen": self.tokens_seen,
-            "train_seconds": self.train_seconds,
-            "val_history": list(self.val_history),
-            "train_history": list(self.train_history),
-        }
+        checkpoint["progress"] = {"tokens_seen": self.tokens_seen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        progress = checkpoint.get("progress", {})
-        self.tokens_seen = progress.get("tokens_seen", 0)
-        self._seconds_before_this_fit = progress.get("train_seconds", 0.0)
-        self.val_history = list(progress.get("val_history", []))
-        self.train_history = list(progress.get("train_history", []))
+        self.tokens_seen = checkpoint.get("progress", {}).get("tokens_seen", 0)
 
     def configure_optimizers(self):
         cfg = self.optim_config

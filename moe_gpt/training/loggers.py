@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from moe_gpt.config import LoggerConfig
+from moe_gpt.training.lightning_internals import drop_wandb_anonymous_setting
 
 
 def build_loggers(
@@ -29,9 +30,7 @@ def build_loggers(
             id=wandb_id,  # the same id on resume: W&B continues the run instead of opening a second one
             resume="allow",
         )
-        # Lightning 2.6 always passes anonymous=None to wandb.init, and wandb 0.31 warns on every run that
-        # the setting has no effect; leaving it out changes nothing else.
-        logger._wandb_init.pop("anonymous", None)
+        drop_wandb_anonymous_setting(logger)  # only silences wandb's warning about it
         return [logger]
     if cfg.kind == "csv":
         return [ContinuingCSVLogger(run_dir, resumed_step)]
@@ -53,8 +52,9 @@ class StepCountedWandbLogger(WandbLogger):
 class ContinuingCSVLogger(CSVLogger):
     """``<run_dir>/csv/metrics.csv``, kept across a resume (Lightning's own logger deletes it).
 
-    Rows logged after the resumed checkpoint's step are dropped first: the resumed run logs those
-    steps again, with the same values when the resume is exact.
+    Rows logged after the resumed checkpoint's step are dropped: the resumed run logs those steps
+    again, with the same values when the resume is exact. The rows before it are handed to
+    Lightning's writer when it is first used, so it writes them back before anything new.
     """
 
     def __init__(self, run_dir: Path, resumed_step: Optional[int]):
@@ -62,6 +62,7 @@ class ContinuingCSVLogger(CSVLogger):
         # holds every step its last checkpoint covers.
         super().__init__(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)
         self.resumed_step = resumed_step
+        self._earlier_rows_restored = False
 
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
         super().log_metrics(without_whole_epochs(metrics), step)
@@ -69,31 +70,28 @@ class ContinuingCSVLogger(CSVLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._experiment = _ContinuingWriter(self.log_dir, self.resumed_step)
-        return self._experiment
+        if not self._earlier_rows_restored:
+            self._earlier_rows_restored = True
+            kept = take_rows_before(Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE, self.resumed_step)
+            writer = super().experiment
+            for step, metrics in kept:
+                writer.log_metrics(metrics, step)
+            writer.save()
+        return super().experiment
 
 
-class _ContinuingWriter(ExperimentWriter):
-    def __init__(self, log_dir: str, resumed_step: Optional[int]):
-        self.resumed_step = resumed_step
-        super().__init__(log_dir)
-
-    def _check_log_dir_exists(self) -> None:
-        # Lightning warns and deletes metrics.csv here. A fresh run starts an empty file; a resumed
-        # run keeps the rows up to its checkpoint.
-        path = Path(self.metrics_file_path)
-        if not path.is_file():
-            return
-        if self.resumed_step is None:
-            path.unlink()
-            return
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            columns, rows = list(reader.fieldnames or []), list(reader)
-        kept = [row for row in rows if row.get("step") and int(float(row["step"])) < self.resumed_step]
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(kept)
-        self.metrics_keys = columns  # new columns later rewrite the header, as Lightning's writer does
+def take_rows_before(path: Path, before_step: Optional[int]) -> list[tuple[int, dict[str, float]]]:
+    """The rows of a CSV metrics file logged before ``before_step`` (none for a fresh run: None), as
+    (step, metrics); the file is removed."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        rows = [(int(float(row["step"])), row) for row in csv.DictReader(handle) if row.get("step")]
+    path.unlink()
+    if before_step is None:
+        return []
+    return [
+        (step, {key: float(value) for key, value in row.items() if key != "step" and value != ""})
+        for step, row in rows
+        if step < before_step
+    ]

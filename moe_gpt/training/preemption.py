@@ -24,7 +24,8 @@ from typing import Any, Optional
 
 import lightning as L
 
-from moe_gpt.training.checkpoint_callbacks import save_checkpoint_and_logs, validation_follows
+from moe_gpt.training.checkpoint_callbacks import save_checkpoint_and_logs
+from moe_gpt.training.lightning_internals import validation_follows
 from moe_gpt.errors import Interrupted
 
 log = logging.getLogger(__name__)

@@ -13,30 +13,28 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from moe_gpt.training.checkpoint_callbacks import LastCheckpoint, RNGStateCallback, RunRecordCallback
+from moe_gpt.training.clock import TrainingClock
 from moe_gpt.config import ConfigError, RunConfig, run_warnings
 from moe_gpt.training.console import StepProgressBar
 from moe_gpt.data import TokenDataModule
 from moe_gpt.data.tokenizer import GPT2_N_VOCAB
 from moe_gpt.training.expert_usage import ExpertUsageLogger
+from moe_gpt.training.history import LossHistory
 from moe_gpt.weights.init_from import initial_weights
 from moe_gpt.training.lit_module import GPTLightningModule
 from moe_gpt.training.loggers import build_loggers
 from moe_gpt.training.preemption import StopAtStepEnd, stop_signals_raise
 from moe_gpt.training.resume import Resume, check_resumable, find_resume
-from moe_gpt.training.run_folder import claimed, is_global_zero, logging_to_file, write_json
+from moe_gpt.training.run_folder import claimed, logging_to_file, settle_rank_before_trainer, write_json
 from moe_gpt.training.summary import CURVES_FILE, SUMMARY_FILE, summary_text, write_curves_png
 from moe_gpt.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
-THROUGHPUT_WINDOW_BATCHES = 10  # batches the logged tokens/s and MFU average over
-# Lightning precision setting -> the dtype its matmuls run in, for the peak-FLOPs table.
-MATMUL_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "bf16": torch.bfloat16,
-                 "16-mixed": torch.float16, "16-true": torch.float16, "16": torch.float16}  # fmt: skip
 
 
 @dataclass
@@ -59,7 +57,8 @@ def train(cfg: RunConfig, record: Optional[RunRecord] = None) -> dict[str, Any]:
         if resume is not None:
             check_resumable(resume, cfg)
         check_vocabulary(cfg)
-        if is_global_zero():
+        settle_rank_before_trainer()
+        if rank_zero_only.rank == 0:
             stack.enter_context(claimed(run_dir, resuming=resume is not None))
             record.claimed = True
             stack.enter_context(logging_to_file(run_dir))
@@ -98,35 +97,41 @@ def _train_in_claimed_dir(cfg: RunConfig, record: RunRecord, resume: Optional[Re
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1
     )
     run_record = {"overrides": record.overrides, "config": asdict(cfg), "wandb_id": wandb_id}
-    trainer = build_trainer(cfg, loggers, run_callbacks(cfg, best, run_record, with_lr_monitor=bool(loggers)))
+    clock = TrainingClock()
+    history = LossHistory(clock)
+    # First: a checkpoint saved at a validation's end (preemption.py) then holds that validation's point.
+    callbacks = [clock, history, *run_callbacks(cfg, best, run_record, with_lr_monitor=bool(loggers))]
+    trainer = build_trainer(cfg, loggers, callbacks)
     warn_if_world_size_changed(resume, trainer)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None, weights_only=True)
-        val_loss = final_validation_loss(trainer, module, datamodule)
+        val_loss = final_validation_loss(trainer, module, datamodule, history)
     finally:
         if any(isinstance(logger, WandbLogger) for logger in loggers):
             import wandb
 
             wandb.finish()
 
-    metrics = summarize(cfg, module, datamodule, trainer, val_loss, time.perf_counter() - started)
+    metrics = summarize(cfg, module, datamodule, trainer, clock, history, val_loss, time.perf_counter() - started)
     metrics["model"] = model_kind
     metrics["best_val_loss"] = float(best.best_model_score) if best.best_model_score is not None else None
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
-        write_curves_png(run_dir / CURVES_FILE, module.train_history, module.val_history)
+        write_curves_png(run_dir / CURVES_FILE, history.train, history.val)
         summary = summary_text(metrics, run_dir, cfg.logger.kind)
         (run_dir / SUMMARY_FILE).write_text(summary + "\n")
         print(summary, flush=True)
     return metrics
 
 
-def final_validation_loss(trainer: L.Trainer, module: GPTLightningModule, datamodule: TokenDataModule) -> float:
+def final_validation_loss(
+    trainer: L.Trainer, module: GPTLightningModule, datamodule: TokenDataModule, history: LossHistory
+) -> float:
     """The val loss at the last step: the fit's own validation when one ran there, else one more pass.
 
-    (Every process takes the same branch: each keeps the same val_history.)
+    (Every process takes the same branch: each keeps the same history.)
     """
-    last = module.val_history[-1] if module.val_history else None
+    last = history.val[-1] if history.val else None
     if last is not None and last["step"] == trainer.global_step:
         return last["val_loss"]
     return trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
@@ -154,16 +159,7 @@ def run_callbacks(
         ExpertUsageLogger(cfg.logger.expert_stats_every_n_steps, cfg.logger.heatmap_every_n_steps),
         StepProgressBar(),
     ]
-    if not with_lr_monitor:  # no logger: nothing to log throughput or learning rate to
-        return callbacks
-    # Tokens/s and, on GPUs in Lightning's peak-FLOPs table, MFU: logged as train/device/items_per_sec,
-    # train/device/mfu (and totals over processes), over a window of batches, validation time excluded.
-    throughput = ThroughputMonitor(
-        batch_size_fn=lambda batch: batch[0].shape[0],
-        length_fn=lambda batch: batch[0].numel(),
-        window_size=THROUGHPUT_WINDOW_BATCHES,
-    )
-    return callbacks + [LearningRateMonitor(logging_interval="step"), throughput]
+    return callbacks + [LearningRateMonitor(logging_interval="step")] if with_lr_monitor else callbacks
 
 
 def warn_if_world_size_changed(resume: Optional[Resume], trainer: L.Trainer) -> None:
@@ -191,11 +187,11 @@ def summarize(
     module: GPTLightningModule,
     datamodule: TokenDataModule,
     trainer: L.Trainer,
+    clock: TrainingClock,
+    history: LossHistory,
     val_loss: float,
     wall_seconds: float,
 ) -> dict[str, Any]:
-    training_seconds = module.session_training_seconds
-    tokens_per_sec = (module.tokens_seen - module.tokens_at_start) / training_seconds  # this session, no validation
     return {
         "val_loss": val_loss,
         "val_ppl": perplexity(val_loss),
@@ -204,22 +200,15 @@ def summarize(
         "world_size": trainer.world_size,
         "params_total": module.model.num_parameters(),
         "params_active": module.model.num_active_parameters(),
-        "tokens_per_sec": tokens_per_sec,
-        "train_seconds": module.train_seconds,  # all sessions, validation excluded
-        "mfu": model_flops_utilization(module.train_flops_per_token * tokens_per_sec, trainer, cfg.trainer.precision),
+        "tokens_per_sec": clock.tokens_per_sec(module),  # this session, validation excluded
+        "train_seconds": clock.train_seconds,  # all sessions, validation excluded
+        "mfu": clock.mfu(module),
         "wall_time_s": wall_seconds,
         "peak_memory_mb": peak_memory_mb(),
         "corpus": cfg.data.name,
         "corpus_train_tokens": datamodule.train_tokens,
-        "val_history": module.val_history,
+        "val_history": history.val,
     }
-
-
-def model_flops_utilization(flops_per_sec: float, trainer: L.Trainer, precision: str) -> Optional[float]:
-    """Achieved training FLOP/s over the devices' peak (Lightning's table); None where the peak is unknown (CPUs)."""
-    dtype = MATMUL_DTYPES.get(precision, torch.float32)
-    peak = get_available_flops(trainer.strategy.root_device, dtype)
-    return None if not peak else flops_per_sec / (peak * trainer.world_size)
 
 
 def perplexity(loss: float) -> float:

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning.pytorch.utilities import rank_zero_only
+
 from moe_gpt.config import ConfigError
 from moe_gpt.errors import Interrupted
 
@@ -33,13 +35,17 @@ class FolderRefused(ConfigError):
     """The run folder belongs to another run; nothing was written into it."""
 
 
-def is_global_zero() -> bool:
-    """Rank zero of a multi-process run, known from the environment before Lightning starts.
+def settle_rank_before_trainer() -> None:
+    """Make Lightning's ``rank_zero_only.rank`` tell rank zero apart before the Trainer exists.
 
-    torchrun sets RANK, SLURM sets SLURM_PROCID, Lightning's launcher sets LOCAL_RANK and NODE_RANK
-    for the processes it starts; a plain single process has none of them.
+    Lightning reads it when imported, from RANK (torchrun), LOCAL_RANK (its own launcher's extra
+    processes) or SLURM_PROCID, and the strategy sets the true global rank once the Trainer starts.
+    The first process on a second node that Lightning's launcher runs has only NODE_RANK; marked
+    non-zero here (its global rank is not known yet), it leaves the run folder to the first node.
     """
-    return all(int(os.environ.get(name, "0") or 0) == 0 for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+    node_rank = int(os.environ.get("NODE_RANK", "0") or 0)
+    if rank_zero_only.rank == 0 and node_rank > 0:
+        rank_zero_only.rank = node_rank
 
 
 def has_checkpoints(run_dir: Path) -> bool:

@@ -12,10 +12,10 @@ from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from moe_gpt.config import ConfigError, RunConfig, TrainerConfig
+from moe_gpt.training.lightning_internals import launches_by_rerunning_command
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,7 @@ def check_multirun_launch(trainer: L.Trainer) -> None:
     """A sweep (``-m``) cannot start extra processes by re-running its own command line."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
-    launcher = trainer.strategy.launcher
-    if (
-        isinstance(launcher, _SubprocessScriptLauncher)
-        and not launcher.cluster_environment.creates_processes_externally
-    ):
+    if launches_by_rerunning_command(trainer):
         raise ConfigError(
             f"-m with {trainer.world_size} processes per job: Lightning starts the extra processes by re-running "
             "this command line, which would start the whole sweep again in each; run each job without -m, or sweep "

@@ -21,7 +21,6 @@ import pytest
 import torch
 import yaml
 
-from moe_gpt.cli.train import main as train_main
 from moe_gpt.errors import Interrupted
 from moe_gpt.training.preemption import stop_signals_raise
 from tests.helpers import (
@@ -31,6 +30,7 @@ from tests.helpers import (
     error_lines,
     folder_state,
     start_train_cli,
+    train_main,
     wait_for_file,
 )
 
@@ -48,11 +48,7 @@ RESUMABLE = TINY + [
 
 def train_cli(args: list[str]) -> int:
     """``python train.py <args>`` in this process: its exit code."""
-    try:
-        train_main(args)
-    except SystemExit as stopped:
-        return stopped.code
-    return 0
+    return train_main(args).returncode
 
 
 @pytest.fixture(scope="module")
@@ -152,24 +148,26 @@ def dense_run(tmp_path_factory, corpus_overrides) -> Path:
         ("seed=7", "resume=last: seed differs from the run being resumed"),
     ],
 )
-def test_a_resume_whose_change_cannot_take_effect_is_refused_and_writes_nothing(dense_run, override, message, capsys):
+def test_a_resume_whose_change_cannot_take_effect_is_refused_and_writes_nothing(dense_run, override, message):
     before = folder_state(dense_run)
     args = [f"hydra.run.dir={dense_run}", "resume=last", "trainer.max_steps=5", override]  # the override wins
-    assert train_cli(args) == 2
-    stderr = capsys.readouterr().err
+    result = train_main(args)
+    assert result.returncode == 2
+    stderr = result.stderr
     errors = error_lines(stderr)
     assert len(errors) == 1 and message in errors[0], stderr[-2000:]
     assert folder_state(dense_run) == before
 
 
 def test_resume_uses_the_runs_own_config_applies_new_optimizer_values_and_continues_its_logs(
-    dense_run, tmp_path, capsys
+    dense_run, tmp_path
 ):
     # Copied, so the refusal tests above keep a 3-step run to work on.
     run_dir = tmp_path / "run"
     shutil.copytree(dense_run, run_dir)
-    assert train_cli([f"hydra.run.dir={run_dir}", "resume=last", "trainer.max_steps=6", "optim.lr=5e-4"]) == 0
-    stderr = capsys.readouterr().err
+    result = train_main([f"hydra.run.dir={run_dir}", "resume=last", "trainer.max_steps=6", "optim.lr=5e-4"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    stderr = result.stderr
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["model"] == "dense" and metrics["steps"] == 6  # model=dense was not repeated

@@ -92,7 +92,7 @@ def test_cache_is_reused_when_inputs_unchanged(text_corpus, gpt2, caplog):
     assert (built.reused, reused.reused) == (False, True)
     assert reused.directory == built.directory and reused.train_tokens == built.train_tokens
     # This process already reported the cache when it built it: the reuse is a DEBUG line, not a repeat.
-    levels = {record.levelname for record in caplog.records if "reused" in record.getMessage()}
+    levels = {record.levelname for record in caplog.records if " reused in " in record.getMessage()}  # not the tmp path
     assert levels == {"DEBUG"}
     assert [name for name in cache_dirs(cfg) if name.startswith("tiny-")] == [built.directory.name]
 

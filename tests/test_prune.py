@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import subprocess
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -31,9 +30,8 @@ from moe_gpt.weights.prune import (
 )
 from moe_gpt.training.resume import Resume, saved_overrides
 from moe_gpt.training.run import RunRecord, train
-from tests.helpers import REPO, TINY, error_lines, folder_state, run_train_cli
+from tests.helpers import TINY, error_lines, folder_state, script_main, train_main
 
-SCRIPT = REPO / "scripts" / "prune_experts.py"
 # Per MoE layer, the experts of a 6-expert model that no token can choose, and so the ones to keep.
 NEVER_CHOSEN = [[0, 2, 5], [1, 2, 3]]
 KEPT = [[1, 3, 4], [0, 4, 5]]
@@ -256,7 +254,7 @@ def test_a_training_run_starts_from_the_pruned_checkpoint(pruned_file, tmp_path)
 
 
 def test_resuming_from_the_pruned_checkpoint_is_refused_with_one_line_pointing_to_init_from(pruned_file, tmp_path):
-    result = run_train_cli([f"resume={pruned_file}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    result = train_main([f"resume={pruned_file}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert result.returncode == 2
     (line,) = error_lines(result.stderr)
     assert line.endswith(
@@ -270,9 +268,9 @@ def test_generate_and_analyze_read_the_pruned_checkpoint(pruned_file, load_scrip
     argv = ["--checkpoint", str(pruned_file), "--prompt", "def", "--max-new-tokens", "3", "--seed", "0"]
     assert load_script("generate").main(argv) == 0
     assert capsys.readouterr().out.startswith("--- sample 1 ---\ndef")
-    analyze = [sys.executable, str(REPO / "scripts" / "analyze.py"), "routing", "--checkpoint", str(pruned_file)]
-    command = [*analyze, "--text", "def main():\n    return 0\n"]
-    report = json.loads(subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout)
+    analyzed = script_main("analyze", ["routing", "--checkpoint", str(pruned_file), "--text", "def main():\n    return 0\n"])
+    assert analyzed.returncode == 0, analyzed.stderr
+    report = json.loads(analyzed.stdout)
     assert [len(layer["expert_share"]) for layer in report["moe_layers"]] == [2, 2]
 
 
@@ -280,7 +278,8 @@ def test_generate_and_analyze_read_the_pruned_checkpoint(pruned_file, load_scrip
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+    """``scripts/prune_experts.py <args>``, in this process."""
+    return script_main("prune_experts", list(args))
 
 
 @pytest.fixture

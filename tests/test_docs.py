@@ -60,3 +60,31 @@ def test_every_relative_link_and_image_resolves(document):
     for target in re.findall(r"\]\(([^)#\s]+)\)", path.read_text()):
         if "://" not in target:
             assert (path.parent / target).exists(), f"{document} links to {target}, which does not exist"
+
+
+def test_the_layout_doc_lists_every_module():
+    layout = (REPO / "docs" / "layout.md").read_text()
+    for module in sorted((REPO / "moe_gpt").rglob("*.py")):
+        if module.name != "__init__.py" and module.parent.name != "cli":
+            assert f"{module.name}`" in layout, f"docs/layout.md does not list {module.relative_to(REPO)}"
+    for command in sorted((REPO / "moe_gpt" / "cli").glob("*.py")):
+        if command.stem not in ("__init__", "common"):
+            assert f"`{command.stem}`" in layout, f"docs/layout.md does not list the command {command.stem}"
+
+
+# What each folder of moe_gpt/ may import from the others (docs/layout.md).
+MAY_IMPORT = {
+    "model": {"model"},
+    "data": {"data"},
+    "training": {"training", "model", "data", "weights", "compose", "errors", "reporting"},
+    "weights": {"weights", "training", "model", "data", "compose", "errors"},
+    "compare": {"compare", "training", "weights", "model", "data", "compose", "errors", "reporting"},
+}
+
+
+@pytest.mark.parametrize("folder", sorted(MAY_IMPORT))
+def test_each_folder_imports_only_what_the_layout_allows(folder):
+    allowed = MAY_IMPORT[folder] | {"config"}
+    for module in sorted((REPO / "moe_gpt" / folder).rglob("*.py")):
+        for imported in re.findall(r"^\s*(?:from|import) moe_gpt\.(\w+)", module.read_text(), flags=re.MULTILINE):
+            assert imported in allowed, f"{module.relative_to(REPO)} imports moe_gpt.{imported}, which docs/layout.md rules out"

@@ -143,7 +143,9 @@ def main(argv: list[str]) -> None:
     # them instead, and they get the one-line, exit-code-2 treatment of any bad input.
     saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    sys.argv = ["train.py", *argv]  # Hydra reads its command line from sys.argv
+    # Hydra reads its command line from sys.argv; the program keeps its path, since Lightning starts a
+    # multi-process run's other processes by running sys.argv again.
+    sys.argv = [saved_argv[0], *argv]
     try:
         train_job()
     finally:

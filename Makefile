@@ -10,8 +10,9 @@ train: setup
 test: setup
 	.venv/bin/python -m pytest -m "not slow" --durations=15 $(ARGS)
 
+# Two workers: the slow tests mostly wait on processes they start (imports, signals, DDP pairs).
 test-slow: setup
-	.venv/bin/python -m pytest -m slow --durations=15 $(ARGS)
+	.venv/bin/python -m pytest -m slow -n 2 --durations=15 $(ARGS)
 
 bench: setup
 	.venv/bin/python scripts/bench_moe.py $(ARGS)

@@ -202,7 +202,7 @@ def test_a_stopped_comparison_resumes_its_interrupted_run_when_run_again(
     tmp_path, corpus_overrides, capsys, monkeypatch
 ):
     out = tmp_path / "report"
-    args = ["--variants", "dense", *TINY, *corpus_overrides, "logger=none", "trainer.max_steps=400"]
+    args = ["--variants", "dense", *TINY, *corpus_overrides, "logger=none", "trainer.max_steps=100"]
     args += ["checkpoint.every_n_steps=5"]
     # Started from another folder with a relative --out: the runs go where the report goes.
     process = subprocess.Popen(
@@ -217,13 +217,13 @@ def test_a_stopped_comparison_resumes_its_interrupted_run_when_run_again(
     assert process.returncode == 143, stderr[-3000:]
     assert "run the same command again" in stderr.strip().splitlines()[-1]
     stopped = json.loads((last.parent.parent / "failure.json").read_text())
-    assert stopped["status"] == "interrupted" and 0 < stopped["step"] < 400
+    assert stopped["status"] == "interrupted" and 0 < stopped["step"] < 100
 
     monkeypatch.chdir(tmp_path)  # the same relative --out, in-process
     code, stdout, stderr = run_compare(capsys, "report", *args)
     assert code == 0, stderr[-3000:]
     assert "[compare] resume" in stdout and "resume=last" in stdout
-    assert [(r["status"], r["steps"]) for r in report_rows(out)] == [("ok", "400")]
+    assert [(r["status"], r["steps"]) for r in report_rows(out)] == [("ok", "100")]
 
 
 def test_zero_seeds_is_a_one_line_error(tmp_path, capsys):

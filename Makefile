@@ -10,9 +10,10 @@ train: setup
 test: setup
 	.venv/bin/python -m pytest -m "not slow" --durations=15 $(ARGS)
 
-# Two workers: the slow tests mostly wait on processes they start (imports, signals, DDP pairs).
+# Two workers: the slow tests mostly wait on processes they start (imports, signals, DDP pairs);
+# worksteal keeps both busy when the longest tests land on one.
 test-slow: setup
-	.venv/bin/python -m pytest -m slow -n 2 --durations=15 $(ARGS)
+	.venv/bin/python -m pytest -m slow -n 2 --dist worksteal --durations=15 $(ARGS)
 
 bench: setup
 	.venv/bin/python scripts/bench_moe.py $(ARGS)

@@ -124,3 +124,12 @@ def error_lines(stderr: str) -> list[str]:
 def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
     """Every file below ``folder`` with its size and modification time: equal states mean nothing was written."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def assert_drawn_plot(path: Path) -> None:
+    """``path`` is a PNG with a plot drawn on it: a readable image of many grey levels, not an empty canvas."""
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.width > 300, path
+        assert len(set(picture.convert("L").getdata())) > 10, f"{path} is blank"

@@ -4,6 +4,7 @@ import csv
 
 from moe_gpt.compare.plan import Budget
 from moe_gpt.compare.report import ReportContext, write_report
+from tests.helpers import assert_drawn_plot
 
 BUDGETS = [Budget("tokens"), Budget("time", 2.0)]
 
@@ -62,7 +63,7 @@ def test_the_report_gives_each_budget_its_table_verdict_and_curves(tmp_path):
     assert "held-out loss" not in report  # no --eval-data, no column
     for budget in BUDGETS:
         for name in ("val_loss_vs_tokens.png", "val_loss_vs_time.png"):
-            assert (tmp_path / budget.name / name).read_bytes()[:4] == b"\x89PNG"
+            assert_drawn_plot(tmp_path / budget.name / name)
             assert f"]({budget.name}/{name})" in report
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
     assert len(rows) == 12 and rows[8]["status"] == "failed" and rows[8]["reason"] == "Diverged: loss | nan"

@@ -10,7 +10,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from moe_gpt.config import register_schema
-from tests.helpers import REPO, TINY, train_main
+from tests.helpers import REPO, TINY, assert_drawn_plot, train_main
 
 SHORT = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "logger=none"]
 
@@ -32,7 +32,7 @@ def summarize(load_script, sweep_dir: Path, capsys) -> tuple[str, list[dict]]:
 
 def assert_plots_written(sweep_dir: Path) -> None:
     for name in ("val_ppl_vs_experts.png", "tokens_per_sec_vs_experts.png"):
-        assert (sweep_dir / name).read_bytes()[:4] == b"\x89PNG", name
+        assert_drawn_plot(sweep_dir / name)
 
 
 @pytest.mark.slow

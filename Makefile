@@ -10,10 +10,11 @@ train: setup
 test: setup
 	.venv/bin/python -m pytest -m "not slow" --durations=15 $(ARGS)
 
-# Two workers: the slow tests mostly wait on processes they start (imports, signals, DDP pairs);
+# Two workers, one thread each (and in the processes they start): the slow tests mostly wait on the
+# processes they start, and two workers of two threads each would fight over the 2 cores.
 # worksteal keeps both busy when the longest tests land on one.
 test-slow: setup
-	.venv/bin/python -m pytest -m slow -n 2 --dist worksteal --durations=15 $(ARGS)
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -m slow -n 2 --dist worksteal --durations=15 $(ARGS)
 
 bench: setup
 	.venv/bin/python scripts/bench_moe.py $(ARGS)

@@ -11,9 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Reinstall when the pins or the package's metadata (its entry points) changed.
 if ! cat requirements.txt pyproject.toml | cmp -s - .venv/.requirements.installed; then
-  # --no-compile: Python compiles the modules a run imports on first use; compiling every installed
-  # file up front took about a minute of a fresh setup.
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile -r requirements.txt
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .  # scripts import moe_gpt
   cat requirements.txt pyproject.toml > .venv/.requirements.installed
 fi

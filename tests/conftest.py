@@ -132,6 +132,17 @@ def tiny_moe_checkpoint(tmp_path_factory, corpus_overrides) -> Path:
 
 
 @pytest.fixture(scope="session")
+def finished_moe_run(tmp_path_factory, corpus_overrides) -> Path:
+    """The folder of a finished 3-step TINY MoE run of train.py with a CSV log; copy it to change it."""
+    from tests.helpers import TINY, train_main
+
+    run_dir = tmp_path_factory.mktemp("finished_moe") / "run"
+    args = TINY + corpus_overrides + ["logger=csv", "trainer.max_steps=3", f"hydra.run.dir={run_dir}"]
+    assert train_main(args).returncode == 0
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def hf_gpt2_dir(tmp_path_factory) -> Path:
     """A random ``transformers`` GPT-2 (2 layers, 32 wide, 32 positions, GPT-2's vocabulary) saved with save_pretrained."""
     import torch

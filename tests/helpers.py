@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import hashlib
 import importlib
 import io
 import logging
@@ -121,9 +122,16 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "][ERROR]" in line or line.startswith("error:")]
 
 
-def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file below ``folder`` with its size and modification time: equal states mean nothing was written."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+def folder_state(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file and folder below ``folder``: a file's SHA-256 and modification time ("dir" for a folder).
+    Equal states mean nothing was written, created, changed or removed."""
+    return {
+        str(path.relative_to(folder)): (
+            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir",
+            path.stat().st_mtime_ns,
+        )
+        for path in folder.rglob("*")
+    }
 
 
 def assert_drawn_plot(path: Path) -> None:

@@ -15,7 +15,14 @@ import pytest
 
 from moe_gpt.compare.held_out import HELD_OUT_FILE, cached_held_out_loss
 from moe_gpt.compare.plan import Budget, plan_run
-from moe_gpt.compare.runner import last_message, run_passing_signals_on, time_budget_steps, train, train_command
+from moe_gpt.compare.runner import (
+    last_message,
+    run_passing_signals_on,
+    set_aside_an_earlier_attempt,
+    time_budget_steps,
+    train,
+    train_command,
+)
 from moe_gpt.compare.variants import parse_variant
 from moe_gpt.config import ConfigError, TrainerConfig
 from moe_gpt.errors import Interrupted
@@ -43,6 +50,22 @@ def test_a_finished_run_is_kept_without_starting_train_py(tmp_path, capsys):
     write_json(run.run_dir / "metrics.json", {"val_loss": 4.25, "steps": 5})
     assert train(run) == {"status": "ok", "val_loss": 4.25, "steps": 5}
     assert capsys.readouterr().out.startswith(f"[compare] keeping {run.run_dir}")
+
+
+def test_an_attempt_stopped_before_its_first_checkpoint_is_moved_aside_not_overwritten(tmp_path, capsys):
+    run_dir = dense_run(tmp_path).run_dir
+    assert set_aside_an_earlier_attempt(run_dir) is None  # nothing there yet
+    run_dir.mkdir(parents=True)
+    assert set_aside_an_earlier_attempt(run_dir) is None  # an empty folder is a fresh start
+    (run_dir / "train.log").write_text("the killed attempt's log\n")
+    (run_dir.parent / f"{run_dir.name}.stopped-1").mkdir()  # an earlier one, already set aside
+
+    aside = set_aside_an_earlier_attempt(run_dir)
+    assert aside == run_dir.parent / f"{run_dir.name}.stopped-2" and not run_dir.exists()
+    assert (aside / "train.log").read_text() == "the killed attempt's log\n"
+    assert capsys.readouterr().out == (
+        f"[compare] {run_dir} holds an attempt that stopped before its first checkpoint: moved to {aside}\n"
+    )
 
 
 def test_a_failed_runs_reason_is_its_last_line_without_the_log_prefix():

@@ -151,19 +151,62 @@ def dense_run(tmp_path_factory, corpus_overrides) -> Path:
         ("model.n_layer=3", "resume=last has model.n_layer=2 but this run has model.n_layer=3; set model.n_layer=2"),
         ("model=moe", "resume=last has model.use_moe=False but this run has model.use_moe=True"),
         ("trainer.max_steps=3", "is already at step 3; set trainer.max_steps above 3 to train further"),
-        ("data.val_fraction=0.5", "resume=last: data.val_fraction differs from the run being resumed"),
-        ("seed=7", "resume=last: seed differs from the run being resumed"),
+        (
+            "data.val_fraction=0.5",
+            "resume=last: data.val_fraction=0.5 but the run being resumed has data.val_fraction=0.3, and it fixes "
+            "which batches the run sees",
+        ),
+        ("seed=7", "resume=last: seed=7 but the run being resumed has seed=1337"),
+        ("data.batch_size=2", "resume=last: data.batch_size=2 but the run being resumed has data.batch_size=4"),
     ],
 )
 def test_a_resume_whose_change_cannot_take_effect_is_refused_and_writes_nothing(dense_run, override, message):
-    before = folder_state(dense_run)
-    args = [f"hydra.run.dir={dense_run}", "resume=last", "trainer.max_steps=5", override]  # the override wins
+    assert_resume_refused(dense_run, [override], message)
+
+
+# The case: a finished MoE run, continued with a router or balancing kind that changes its weights.
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.moe.router=noisy", "model.moe.router='noisy' but the run being resumed has model.moe.router='softmax'"),
+        ("model.moe.load_balance=aux_free", "model.moe.load_balance='aux_free' but the run being resumed has"),
+        ("model.moe.activation=relu", "model.moe.activation='relu' but the run being resumed has"),
+        ("model.moe.num_experts=8", "resume=last has model.moe.num_experts=4 but this run has model.moe.num_experts=8"),
+    ],
+)
+def test_a_refused_resume_leaves_the_finished_moe_run_byte_for_byte(finished_moe_run, override, message):
+    assert_resume_refused(finished_moe_run, [override, "trainer.max_steps=42"], message)
+    assert not (finished_moe_run / "failure.json").exists()
+
+
+def assert_resume_refused(run_dir: Path, overrides: list[str], message: str) -> None:
+    before = folder_state(run_dir)
+    args = [f"hydra.run.dir={run_dir}", "resume=last", "trainer.max_steps=5", *overrides]  # the last one wins
     result = train_main(args)
     assert result.returncode == 2
-    stderr = result.stderr
-    errors = error_lines(stderr)
-    assert len(errors) == 1 and message in errors[0], stderr[-2000:]
-    assert folder_state(dense_run) == before
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert folder_state(run_dir) == before
+
+
+def test_a_resume_applies_and_logs_every_change_it_accepts(finished_moe_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_moe_run, run_dir)
+    changes = ["model.moe.top_k=1", "model.moe.capacity_factor=1.5", "model.dropout=0.1", "optim.lr=5e-4"]
+    result = train_main([f"hydra.run.dir={run_dir}", "resume=last", "trainer.max_steps=5", *changes])
+    assert result.returncode == 0, result.stderr[-2000:]
+    for change in [
+        "model.moe.top_k: 2 -> 1",
+        "model.moe.capacity_factor: None -> 1.5",
+        "model.dropout: 0.0 -> 0.1",
+        "optim.lr: 0.001 -> 0.0005",
+        "trainer.max_steps: 3 -> 5",
+    ]:
+        assert f"resumed run changes {change} (from step 3 on)" in result.stderr
+    assert f"resumed run changes {change} (from step 3 on)" in (run_dir / "train.log").read_text()
+    hparams = last_checkpoint(run_dir)["hyper_parameters"]["model_config"]
+    assert hparams["moe"]["top_k"] == 1 and hparams["dropout"] == 0.1
 
 
 def test_resume_uses_the_runs_own_config_applies_new_optimizer_values_and_continues_its_logs(
@@ -181,7 +224,7 @@ def test_resume_uses_the_runs_own_config_applies_new_optimizer_values_and_contin
     assert metrics["train_tokens"] == 6 * 4 * 32
     assert [entry["step"] for entry in metrics["val_history"]] == [3, 6]  # the first session's point is kept
     assert metrics["val_history"][1]["seconds"] > metrics["val_history"][0]["seconds"]
-    assert "resumed optimizer follows this run's optim settings: initial_lr 0.001 -> 0.0005" in stderr
+    assert "resumed run changes optim.lr: 0.001 -> 0.0005 (from step 3 on)" in stderr
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
     assert "model=dense" in overrides and overrides[-3:] == ["resume=last", "trainer.max_steps=6", "optim.lr=5e-4"]
     # One W&B run per folder: the resumed session logs to the same run id.

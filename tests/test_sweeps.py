@@ -74,11 +74,12 @@ def test_failed_jobs_are_recorded_and_the_rest_of_the_sweep_completes(tmp_path, 
 
 
 def test_unexpected_error_in_a_single_run_keeps_its_traceback_and_is_recorded(tmp_path, corpus_overrides, monkeypatch):
-    # A bug cannot be asked for from the command line, so one is planted: train() raises, under the real Hydra CLI.
+    # A bug cannot be asked for from the command line, so one is planted: training raises once the run owns its
+    # folder, under the real Hydra CLI.
     def train(*args, **kwargs):
         raise RuntimeError("planted bug\nsecond line")
 
-    monkeypatch.setattr("moe_gpt.training.run.train", train)
+    monkeypatch.setattr("moe_gpt.training.run._train_in_claimed_dir", train)
     # Not a one-line exit: the exception itself leaves main(), so Python prints its traceback and exits 1.
     with pytest.raises(RuntimeError, match="^planted bug\nsecond line$"):
         train_main([*TINY, *SHORT, *corpus_overrides, f"hydra.run.dir={tmp_path}"])

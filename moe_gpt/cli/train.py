@@ -18,8 +18,9 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -42,6 +43,7 @@ register_schema()
 # telling optuna a failed trial *with* a value, which optuna rejects, ending the whole study.
 # +inf is the worst possible loss: the study goes on and TPE learns to avoid that region.
 FAILED_JOB_OBJECTIVE = math.inf
+_command_started: Optional[float] = None  # when main() began: a run folder made after it is this command's
 
 
 def sweep_objective(metrics: dict) -> float:
@@ -82,15 +84,8 @@ def end_failed_job(error: BaseException, cfg: DictConfig, record: "RunRecord", i
     """Record why the job failed, then exit with its code, or (in a sweep) return the worst objective."""
     from lightning.pytorch.utilities import rank_zero_only
 
-    from moe_gpt.training.run_folder import FolderRefused, has_checkpoints, record_failure
-
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    # Into a folder this run does not own (another run's checkpoints, a live run) nothing is written.
-    foreign = isinstance(error, FolderRefused) or has_checkpoints(run_dir)
-    if rank_zero_only.rank == 0 and (record.claimed or not foreign):
-        if not (run_dir / ".hydra").is_dir():  # a sweep summary finds its jobs by these files
-            save_config_files(run_dir, cfg, record.overrides)
-        record_failure(run_dir, error, record.overrides, step=getattr(error, "step", None))
+    if rank_zero_only.rank == 0:
+        record_or_leave_no_trace(error, cfg, record, in_sweep)
     if isinstance(error, Interrupted):
         log.error("%s", one_line(error))
         sys.exit(error.exit_code)  # ends a sweep too: the signal was meant for the whole command
@@ -103,6 +98,37 @@ def end_failed_job(error: BaseException, cfg: DictConfig, record: "RunRecord", i
     if in_sweep:
         return FAILED_JOB_OBJECTIVE
     sys.exit(EXIT_DIVERGED if isinstance(error, Diverged) else EXIT_BAD_INPUT)
+
+
+def record_or_leave_no_trace(error: BaseException, cfg: DictConfig, record: "RunRecord", in_sweep: bool) -> None:
+    """``failure.json`` in a folder this run owns; nothing at all anywhere else.
+
+    A run that claimed its folder records why it stopped. A command refused before that (bad
+    input, a folder of another run) writes nothing, and the empty folder Hydra made for it goes.
+    A sweep's job folder is the sweep's own: the failure is recorded there so the sweep summary
+    lists it, unless another run is in it.
+    """
+    from moe_gpt.training.run_folder import FolderRefused, claimed, record_failure
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if record.claimed:
+        record_failure(run_dir, error, record.overrides, step=getattr(error, "step", None))
+    elif in_sweep:
+        try:
+            with claimed(run_dir, resume_from=None):
+                save_config_files(run_dir, cfg, record.overrides)  # a sweep summary finds its jobs by these
+                record_failure(run_dir, error, record.overrides)
+        except FolderRefused:
+            pass
+    else:
+        remove_if_made_for_this_command(run_dir)
+
+
+def remove_if_made_for_this_command(run_dir: Path) -> None:
+    """Hydra creates the run folder before the job starts; a refused command leaves no empty one behind."""
+    made_now = _command_started is not None and run_dir.is_dir() and run_dir.stat().st_mtime >= _command_started
+    if made_now and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def compose_for_resume(cfg: DictConfig, overrides: list[str], run_dir: Path) -> tuple[DictConfig, list[str]]:
@@ -141,6 +167,8 @@ def main(argv: list[str]) -> None:
     """``python train.py <argv>``; returns train.py's exit code (moe_gpt/errors.py)."""
     # Hydra prints its own composition errors over 7-15 lines and exits 1; with this set it raises
     # them instead, and they get the one-line, exit-code-2 treatment of any bad input.
+    global _command_started
+    _command_started = time.time() - 1.0  # a folder's time stamp can be up to a tick older than the clock
     saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     # Hydra reads its command line from sys.argv; the program keeps its path, since Lightning starts a

@@ -27,7 +27,7 @@ from moe_gpt.compare.plan import (
 from moe_gpt.compare.variants import Variant
 from moe_gpt.config import PROJECT_ROOT
 from moe_gpt.errors import Interrupted
-from moe_gpt.training.run_folder import run_outcome
+from moe_gpt.training.run_folder import folder_entries, run_outcome
 
 TRAIN_SCRIPT = PROJECT_ROOT / "train.py"
 LOG_PREFIX = re.compile(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - ")  # train.py's log line: [time][logger][LEVEL] -
@@ -49,6 +49,8 @@ def train(run: PlannedRun) -> dict[str, Any]:
     if action == "keep":
         print(f"[compare] keeping {run.run_dir} (finished earlier; delete the folder to retrain it)", flush=True)
         return run_outcome(run.run_dir)
+    if action == "train":
+        set_aside_an_earlier_attempt(run.run_dir)  # train.py refuses a folder with another attempt's files in it
     command = train_command(run, resume=action == "resume")
     print(f"[compare] {action} {run.run_dir}: {' '.join(command[2:])}", flush=True)
     returncode, stderr = run_passing_signals_on(command)
@@ -57,6 +59,19 @@ def train(run: PlannedRun) -> dict[str, Any]:
         # Bad input writes no record (the run never claimed its folder): its last line says why.
         return {"status": "failed", "reason": last_message(stderr)}
     return outcome
+
+
+def set_aside_an_earlier_attempt(run_dir: Path) -> Optional[Path]:
+    """Move the files of an attempt that stopped before its first checkpoint out of the way (nothing is
+    deleted); where they went, or None when ``run_dir`` holds nothing."""
+    if not folder_entries(run_dir):
+        return None
+    attempt = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.stopped-{attempt}")).exists():
+        attempt += 1
+    run_dir.rename(aside)
+    print(f"[compare] {run_dir} holds an attempt that stopped before its first checkpoint: moved to {aside}", flush=True)
+    return aside
 
 
 def run_passing_signals_on(command: list[str]) -> tuple[int, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import asdict
 from typing import Any
@@ -18,7 +17,6 @@ from moe_gpt.model.lm_loss import IGNORE_INDEX
 from moe_gpt.model.gpt import GPT
 from moe_gpt.errors import Diverged
 
-log = logging.getLogger(__name__)
 
 
 class GPTLightningModule(L.LightningModule):
@@ -131,22 +129,15 @@ class GPTLightningModule(L.LightningModule):
 
         A resumed optimizer and scheduler come back with the values of the run that saved them, so
         ``optim.lr=...`` on the command line would be silently ignored. Here the configured values
-        win, and a change is logged. (warmup_steps, min_lr_ratio and max_steps need nothing: the
-        schedule reads them from the config at every step.)
+        win (resume_changes.py logs each change). (warmup_steps, min_lr_ratio and max_steps need
+        nothing: the schedule reads them from the config at every step.)
         """
         cfg = self.optim_config
         optimizer, schedule = self.optimizers(use_pl_optimizer=False), self.lr_schedulers()
-        changes = set()
         for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
-            wanted = {"initial_lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": decay}
-            for key, value in wanted.items():
-                if group[key] != value:
-                    changes.add(f"{key} {group[key]} -> {value}")
-                    group[key] = value
+            group.update(initial_lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=decay)
             group["lr"] = cfg.lr * self._lr_factor(schedule.last_epoch)
         schedule.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-        if changes:
-            log.info("resumed optimizer follows this run's optim settings: %s", ", ".join(sorted(changes)))
 
     def _lr_factor(self, step: int) -> float:
         """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps."""

@@ -2,33 +2,28 @@
 
 A checkpoint carries the command-line overrides of the run that wrote it (``RUN_RECORD``), so
 ``resume=last`` recomposes that run's config and applies only what this command line changes:
-nothing has to be repeated. Changes that cannot take effect are refused with one line: the
-model's shape (the weights would not fit), the data and the seed (they fix the batch order), and
-a ``trainer.max_steps`` the checkpoint has already reached. Optimizer settings are applied to the
-restored optimizer (lit_module.py), never silently ignored.
+nothing has to be repeated. Which settings may change is decided key by key in
+resume_changes.py: a change is refused with one line, or applied and logged. A
+``trainer.max_steps`` the checkpoint has already reached is refused too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from moe_gpt.weights.safe_load import ARCHITECTURE_KEYS, check_weights_fit, model_config, read_checkpoint
 from moe_gpt.compose import override_key
 from moe_gpt.config import ConfigError, RunConfig
+from moe_gpt.training.resume_changes import check_changes
 
 log = logging.getLogger(__name__)
 
 RUN_RECORD = "run"  # checkpoint key: {"overrides", "config", "wandb_id", "world_size"}
 SHAPE_KEYS = (*ARCHITECTURE_KEYS, "use_moe")  # a resumed run cannot turn dense into MoE: use init_from
-# Data settings that decide which token windows exist and in which order batches see them.
-DATA_KEYS = (
-    "corpus", "name", "paths", "hub_path", "hub_config", "hub_split", "hub_revision",
-    "text_field", "streaming", "max_documents", "val_fraction", "encoding_errors",
-)  # fmt: skip
 NOT_CARRIED_OVER = ("resume", "init_from")  # settings of the earlier command that do not apply again
 
 
@@ -77,8 +72,9 @@ def saved_overrides(resume: Resume) -> Optional[list[str]]:
     return None if overrides is None else [o for o in overrides if override_key(o) not in NOT_CARRIED_OVER]
 
 
-def check_resumable(resume: Resume, cfg: RunConfig) -> None:
-    """Refuse, with one line, a resume whose settings could not take effect."""
+def check_resumable(resume: Resume, cfg: RunConfig) -> list[str]:
+    """Refuse, with one line, a resume whose settings could not take effect; the changes that will
+    (``key: old -> new``), for the log."""
     if cfg.trainer.max_steps <= resume.step:
         raise ConfigError(
             f"trainer.max_steps={cfg.trainer.max_steps} but {resume.path} is already at step {resume.step}; "
@@ -91,13 +87,5 @@ def check_resumable(resume: Resume, cfg: RunConfig) -> None:
             "%s has no record of its run's settings (an older checkpoint): its data and seed are not checked",
             resume.path,
         )
-        return
-    current = asdict(cfg)
-    changed = [f"data.{key}" for key in DATA_KEYS if saved["data"].get(key) != current["data"][key]]
-    changed += ["seed"] if saved["seed"] != cfg.seed else []
-    if changed:
-        key = changed[0]
-        raise ConfigError(
-            f"resume={cfg.resume}: {key} differs from the run being resumed, whose batch order it fixes; "
-            f"drop the override, or start a new run from the weights with init_from={resume.path}"
-        )
+        return []
+    return check_changes(saved, cfg, resume.path, cfg.resume or "last")

@@ -30,9 +30,10 @@ from moe_gpt.training.lit_module import GPTLightningModule
 from moe_gpt.training.loggers import build_loggers
 from moe_gpt.training.preemption import StopAtStepEnd, stop_signals_raise
 from moe_gpt.training.resume import Resume, check_resumable, find_resume
+from moe_gpt.training.resume_changes import log_applied_changes
 from moe_gpt.training.run_folder import claimed, logging_to_file, settle_rank_before_trainer, write_json
 from moe_gpt.training.summary import CURVES_FILE, SUMMARY_FILE, summary_text, write_curves_png
-from moe_gpt.training.trainer import build_trainer
+from moe_gpt.training.trainer import build_trainer, check_trainer_settings
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +54,19 @@ def train(cfg: RunConfig, record: Optional[RunRecord] = None) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     with ExitStack() as stack:
         stack.enter_context(stop_signals_raise())  # until training starts, a stop signal stops at once
+        # Every check of the input comes before the folder is claimed: a refused command writes nothing.
         resume = find_resume(cfg.resume, run_dir)  # before any data: a bad checkpoint fails fast
-        if resume is not None:
-            check_resumable(resume, cfg)
+        changes = check_resumable(resume, cfg) if resume is not None else []
         check_vocabulary(cfg)
+        check_trainer_settings(cfg)
         settle_rank_before_trainer()
         if rank_zero_only.rank == 0:
-            stack.enter_context(claimed(run_dir, resuming=resume is not None))
+            stack.enter_context(claimed(run_dir, resume.path if resume is not None else None))
             record.claimed = True
             stack.enter_context(logging_to_file(run_dir))
             if record.save_config_files is not None:
                 record.save_config_files(run_dir)
-        return _train_in_claimed_dir(cfg, record, resume)
+        return _train_in_claimed_dir(cfg, record, resume, changes)
 
 
 def check_vocabulary(cfg: RunConfig) -> None:
@@ -75,10 +77,14 @@ def check_vocabulary(cfg: RunConfig) -> None:
         )
 
 
-def _train_in_claimed_dir(cfg: RunConfig, record: RunRecord, resume: Optional[Resume]) -> dict[str, Any]:
+def _train_in_claimed_dir(
+    cfg: RunConfig, record: RunRecord, resume: Optional[Resume], changes: list[str]
+) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     log_run_warnings(cfg, resume)
+    if resume is not None:
+        log_applied_changes(changes, resume.step)
     L.seed_everything(cfg.seed, workers=True)
     init_state = initial_weights(cfg) if resume is None else None  # before the data: a bad init_from fails fast
 

@@ -1,7 +1,7 @@
 """The run folder: who may write into it, and the records a run leaves there.
 
-A run claims its folder before writing anything: a folder holding checkpoints is refused unless
-the run resumes, and a lock keeps a second live run out. Only then are the resolved config
+A run claims its folder before writing anything: only an empty folder, or the folder of the run
+it continues, is accepted, and a lock keeps a second live run out. Only then are the resolved config
 (``.hydra/``), the log file (``train.log``) and later ``metrics.json`` or ``failure.json`` written,
 and only by the process of global rank zero (the other processes of a multi-process run share the
 folder). Records are strict JSON (no NaN), written atomically.
@@ -53,19 +53,56 @@ def has_checkpoints(run_dir: Path) -> bool:
     return checkpoints.is_dir() and any(checkpoints.iterdir())
 
 
+def is_inside(path: Path, folder: Path) -> bool:
+    return folder.resolve() in path.resolve().parents
+
+
 @contextmanager
-def claimed(run_dir: Path, resuming: bool) -> Iterator[None]:
-    """Hold ``run_dir`` for this run: refuse another run's checkpoints, and lock out a second live run."""
-    if not resuming and has_checkpoints(run_dir):
+def claimed(run_dir: Path, resume_from: Optional[Path]) -> Iterator[None]:
+    """Hold ``run_dir`` for this run, or refuse it (one line) having written nothing into it.
+
+    A run may only write into an empty folder, or into its own: the run it continues from one of
+    the folder's checkpoints. Anything else there (another run's checkpoints or logs, a run killed
+    before its first checkpoint, other files) is refused rather than overwritten. A lock keeps a
+    second live process out.
+    """
+    busy = f"another run is training in {run_dir} right now; wait for it to finish or choose another hydra.run.dir"
+    if is_locked(run_dir):
+        raise FolderRefused(busy)
+    if resume_from is None or not is_inside(resume_from, run_dir):
+        refuse_folder_of_another_run(run_dir, resume_from)
+    with folder_lock(run_dir, busy):
+        yield
+
+
+def refuse_folder_of_another_run(run_dir: Path, resume_from: Optional[Path]) -> None:
+    """A fresh run, or one continued from another folder's checkpoint, needs an empty ``run_dir``."""
+    held = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder_entries(run_dir))
+    if not held:
+        return
+    listing = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+    if resume_from is not None:
+        own_run = " (or pass resume=last to continue that folder's own run)" if has_checkpoints(run_dir) else ""
+        raise FolderRefused(
+            f"resume={resume_from} continues a run from another folder, but {run_dir} already holds {listing}; "
+            f"continue it in a new hydra.run.dir{own_run}"
+        )
+    if has_checkpoints(run_dir):
         raise FolderRefused(
             f"{run_dir / 'checkpoints'} already holds checkpoints; pass resume=last to continue that run "
             "or choose another hydra.run.dir"
         )
-    with folder_lock(
-        run_dir,
-        f"another run is training in {run_dir} right now; wait for it to finish or choose another hydra.run.dir",
-    ):
-        yield
+    raise FolderRefused(
+        f"{run_dir} already holds {listing} (a run that stopped before its first checkpoint, or other files); "
+        "choose another hydra.run.dir, or move those files away"
+    )
+
+
+def folder_entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds besides the lock file (nothing when it does not exist)."""
+    if not folder.is_dir():
+        return []
+    return [entry for entry in folder.iterdir() if entry.name != LOCK_FILE]
 
 
 @contextmanager
@@ -76,22 +113,32 @@ def folder_lock(folder: Path, busy_message: str) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FolderRefused(busy_message) from None
+        _lock_or_refuse(descriptor, busy_message)
         yield
     finally:
         os.close(descriptor)  # releases the lock
 
 
-def is_locked(folder: Path) -> bool:
-    """Whether a live process holds ``folder``'s lock (a run training in it)."""
+def _lock_or_refuse(descriptor: int, busy_message: str) -> None:
     try:
-        with folder_lock(folder, busy_message=""):
-            return False
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FolderRefused(busy_message) from None
+
+
+def is_locked(folder: Path) -> bool:
+    """Whether a live process holds ``folder``'s lock (a run training in it). Writes nothing."""
+    try:
+        descriptor = os.open(folder / LOCK_FILE, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        _lock_or_refuse(descriptor, busy_message="")
+        return False
     except FolderRefused:
         return True
+    finally:
+        os.close(descriptor)
 
 
 @contextmanager

@@ -21,28 +21,45 @@ log = logging.getLogger(__name__)
 
 
 def build_trainer(cfg: RunConfig, loggers: list[Logger], callbacks: list[Callback]) -> L.Trainer:
-    check_accelerator_available(cfg.trainer)
     plugins = []
     if SLURMEnvironment.detect():
         # Lightning's own requeue handler saves a checkpoint mid-step from inside the signal
         # handler; preemption.py saves at the end of the step instead and requeues then.
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer = _trainer(cfg, logger=loggers or False, callbacks=callbacks, plugins=plugins)
+    check_multirun_launch(trainer)
+    return trainer
+
+
+def check_trainer_settings(cfg: RunConfig) -> None:
+    """Refuse, with one line, trainer settings Lightning would reject, before the run claims its folder.
+
+    A Trainer with these settings and nothing attached is built and dropped: it costs milliseconds
+    and touches no file. Its report of the hardware is left to the real one.
+    """
+    hardware_report = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = hardware_report.level
+    hardware_report.setLevel(logging.WARNING)
     try:
-        trainer = L.Trainer(
+        _trainer(cfg, logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False)
+    finally:
+        hardware_report.setLevel(level)
+
+
+def _trainer(cfg: RunConfig, **attached) -> L.Trainer:
+    check_accelerator_available(cfg.trainer)
+    try:
+        return L.Trainer(
             **asdict(cfg.trainer),
             max_epochs=-1,  # training length is max_steps; epochs just repeat the data
             check_val_every_n_epoch=None,  # validate every val_check_interval batches, across epochs
             use_distributed_sampler=False,  # TokenDataModule shards the data itself, resumably
             default_root_dir=cfg.run_dir,
-            logger=loggers or False,
-            callbacks=callbacks,
-            plugins=plugins,
+            **attached,
         )
     except (MisconfigurationException, ValueError, RuntimeError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ConfigError(f"the trainer settings do not work here: {first_line}") from None
-    check_multirun_launch(trainer)
-    return trainer
 
 
 def check_accelerator_available(cfg: TrainerConfig) -> None:

@@ -140,4 +140,4 @@ def assert_drawn_plot(path: Path) -> None:
 
     with Image.open(path) as picture:
         assert picture.format == "PNG" and picture.width > 300, path
-        assert len(set(picture.convert("L").getdata())) > 10, f"{path} is blank"
+        assert len(set(picture.convert("L").get_flattened_data())) > 10, f"{path} is blank"

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
+from collections.abc import Iterator
 from functools import cache
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import OverrideParseException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from moe_gpt.config import PROJECT_ROOT, ConfigError, RunConfig, register_schema
 
@@ -20,7 +24,41 @@ def compose_run_config(overrides: list[str], run_dir: str = "unused") -> RunConf
     register_schema()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*overrides, f"run_dir={run_dir}"])
+    check_known_keys(cfg, overrides)
     return OmegaConf.to_object(cfg)
+
+
+def check_known_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse a key the schema does not have, naming the override that added it and the closest valid key.
+
+    Hydra lets ``+key=value`` and ``++key=value`` add keys past the schema's struct mode, and
+    ``OmegaConf.to_object`` then drops them without a word: a typo would silently train the default.
+    """
+    for path, valid in _unknown_keys(cfg, RunConfig, ""):
+        parent, _, name = path.rpartition(".")
+        typed = next((o for o in overrides if _adds(o, path)), path)
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f"did you mean {path.removesuffix(name)}{close[0]}?" if close else f"its keys are {', '.join(valid)}"
+        raise ConfigError(
+            f"{typed}: {parent or 'the config'} has no key {name}; {hint} (python train.py --cfg job prints every key)"
+        )
+
+
+def _unknown_keys(node: DictConfig, schema: type, prefix: str) -> Iterator[tuple[str, list[str]]]:
+    """Each key below ``node`` that its dataclass ``schema`` lacks (dotted), with the keys the schema has there."""
+    types = typing.get_type_hints(schema)
+    for key in node:
+        if key not in types:
+            yield f"{prefix}{key}", list(types)
+        elif dataclasses.is_dataclass(types[key]):
+            yield from _unknown_keys(node[key], types[key], f"{prefix}{key}.")
+
+
+def _adds(override: str, path: str) -> bool:
+    """Whether ``override`` is a ``+``/``++`` override that adds the key at ``path`` (or a dictionary holding it)."""
+    parsed = _parse_override(override)
+    key = parsed.key_or_group
+    return (parsed.is_add() or parsed.is_force_add()) and (path == key or path.startswith(key + "."))
 
 
 @cache

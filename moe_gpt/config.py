@@ -336,7 +336,7 @@ class TrainerConfig:
     max_steps: int = 250  # optimizer steps
     val_check_interval: int = 50  # validate every N training batches
     limit_val_batches: int = 10  # batches per validation
-    gradient_clip_val: float = 1.0  # clip the global gradient norm to this
+    gradient_clip_val: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
     accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimizer step
     log_every_n_steps: int = 5  # training metrics are logged every N steps
     deterministic: bool = False  # deterministic torch algorithms only (reproducible, slower)
@@ -364,9 +364,27 @@ class TrainerConfig:
         )
         _require(
             _valid_devices(self.devices),
-            f"trainer.devices={self.devices!r} must be a positive number, a list of device ids such as [0,1], "
-            "-1 (every device) or auto",
+            f"trainer.devices={self.devices!r} must be a positive number or auto (on GPUs also a list of device ids "
+            "such as [0,1], or -1 for every GPU)",
         )
+        if self.accelerator == "cpu":
+            check_cpu_devices(self.devices, "with trainer.accelerator=cpu")
+        # Lightning skips clipping for a value <= 0 and fails on NaN mid-run; inf clips nothing (or, with an
+        # infinite norm, turns every gradient into NaN).
+        _require(
+            math.isfinite(self.gradient_clip_val) and self.gradient_clip_val >= 0,
+            f"trainer.gradient_clip_val={self.gradient_clip_val} must be a finite number >= 0 (0 turns clipping off)",
+        )
+
+
+def check_cpu_devices(devices: Any, where: str) -> None:
+    """On the CPU Lightning counts processes and takes no device ids: a positive number or auto only."""
+    count = str(devices).strip()
+    _require(
+        count == "auto" or (count.isdigit() and int(count) >= 1),
+        f"trainer.devices={devices!r} does not work {where}: -1 and device ids are for GPUs; give the number of "
+        "CPU processes, e.g. trainer.devices=2, or train on GPUs with trainer=gpu",
+    )
 
 
 def _valid_devices(devices: Any) -> bool:

@@ -96,8 +96,10 @@ def test_warnings_for_top_k_equal_to_experts_and_many_experts_on_small_model():
 
 
 def test_device_settings_lightning_accepts_are_passed_to_it_unchanged():
-    for devices in ("auto", -1, 1, 4, "2", "0,1", [0, 1]):
-        assert TrainerConfig(devices=devices).devices == devices
+    for devices in ("auto", 1, 4, "2"):  # on the CPU: a number of processes
+        assert TrainerConfig(accelerator="cpu", devices=devices).devices == devices
+    for devices in ("auto", -1, 1, 4, "2", "0,1", [0, 1]):  # -1 and device ids: GPUs only
+        assert TrainerConfig(accelerator="gpu", devices=devices).devices == devices
 
 
 def test_warmup_longer_than_training_is_a_warning():

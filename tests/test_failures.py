@@ -3,11 +3,13 @@ run never writes into a folder that is not its own."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from moe_gpt.errors import Diverged
+from moe_gpt.training.resume import RUN_RECORD
 from moe_gpt.training.run_folder import write_json
 from tests.helpers import (
     TINY,
@@ -60,11 +62,45 @@ def test_a_config_that_does_not_compose_is_one_line_and_exit_code_2(tmp_path, ov
             "model.moe.every_n_layers=3 and model.moe.first_k_dense=0 leave no MoE block among model.n_layer=2",
         ),
         ("trainer.accelerator=gpu", "trainer.accelerator=gpu but no CUDA GPU is available here; use trainer=cpu"),
+        (
+            "trainer.devices=-1",
+            "trainer.devices=-1 does not work with trainer.accelerator=cpu: -1 and device ids are for GPUs; give the "
+            "number of CPU processes, e.g. trainer.devices=2",
+        ),
+        ("trainer.devices=[0,1]", "trainer.devices=[0, 1] does not work with trainer.accelerator=cpu: -1 and device ids"),
+        ("trainer.gradient_clip_val=nan", "trainer.gradient_clip_val=nan must be a finite number >= 0 (0 turns clipping off)"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1.0 must be a finite number >= 0"),
+        ("trainer.gradient_clip_val=inf", "trainer.gradient_clip_val=inf must be a finite number >= 0"),
+        (
+            "trainer.accelerator=auto trainer.devices=-1",
+            "trainer.devices=-1 does not work with trainer.accelerator=auto on this machine, which has no GPU",
+        ),
     ],
 )
 def test_a_bad_value_is_one_line_and_exit_code_2_before_any_data(tmp_path, corpus_overrides, override, message):
-    if override == "trainer.accelerator=gpu" and torch.cuda.is_available():
+    if override.startswith(("trainer.accelerator=gpu", "trainer.accelerator=auto")) and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    cache = tmp_path / "fresh-token-cache"
+    args = TINY + corpus_overrides + [f"data.cache_dir={cache}", *override.split(), f"hydra.run.dir={tmp_path / 'run'}"]
+    result = train_main(args)
+    assert result.returncode == 2
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not cache.exists()
+    assert not (tmp_path / "run").exists()  # refused before the folder was claimed: nothing written, not even it
+
+
+UNKNOWN_KEYS = [
+    ("+model.moe.num_expert=4", "+model.moe.num_expert=4: model.moe has no key num_expert; did you mean model.moe.num_experts?"),
+    ("++model.moe.num_expert=4", "++model.moe.num_expert=4: model.moe has no key num_expert; did you mean model.moe.num_experts?"),
+    ("+trainer.max_step=5", "+trainer.max_step=5: trainer has no key max_step; did you mean trainer.max_steps?"),
+    ("+foo=1", "+foo=1: the config has no key foo; its keys are model, data, optim, trainer"),
+]
+
+
+@pytest.mark.parametrize("override,message", UNKNOWN_KEYS)
+def test_a_plus_override_of_a_key_the_schema_lacks_is_one_line_and_exit_code_2(tmp_path, corpus_overrides, override, message):
+    # Hydra adds +keys past the schema's struct mode; without the check the run trained and ignored them.
     cache = tmp_path / "fresh-token-cache"
     args = TINY + corpus_overrides + [f"data.cache_dir={cache}", override, f"hydra.run.dir={tmp_path / 'run'}"]
     result = train_main(args)
@@ -73,6 +109,31 @@ def test_a_bad_value_is_one_line_and_exit_code_2_before_any_data(tmp_path, corpu
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not cache.exists()
     assert not (tmp_path / "run").exists()  # refused before the folder was claimed: nothing written, not even it
+
+
+def run_folder_with(checkpoint: Path, folder: Path, overrides: list[str]) -> Path:
+    """A run folder whose last.ckpt is ``checkpoint``, recorded as written by ``train.py <overrides>``."""
+    state = torch.load(checkpoint, weights_only=True)
+    state[RUN_RECORD]["overrides"] = overrides
+    (folder / "checkpoints").mkdir(parents=True)
+    torch.save(state, folder / "checkpoints" / "last.ckpt")
+    return folder
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["saved-in-the-checkpoint", "typed-now"])
+def test_a_resume_refuses_a_plus_key_the_schema_lacks_and_leaves_the_run_unchanged(
+    tiny_moe_checkpoint, corpus_overrides, tmp_path, saved
+):
+    # A checkpoint from before the check may carry such a key; resume=last recomposes it with the new overrides.
+    override, message = UNKNOWN_KEYS[2]
+    earlier = TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2"]
+    run_dir = run_folder_with(tiny_moe_checkpoint, tmp_path / "run", earlier + [override] * saved)
+    before = folder_state(run_dir)
+    result = train_main([f"hydra.run.dir={run_dir}", "resume=last", "trainer.max_steps=4"] + [override] * (not saved))
+    assert result.returncode == 2
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert folder_state(run_dir) == before
 
 
 def test_divergence_stops_the_run_with_one_line_and_keeps_finite_checkpoints(tmp_path, corpus_overrides):

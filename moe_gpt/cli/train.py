@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from moe_gpt.cli.common import USER_ERRORS, entry_point
-from moe_gpt.compose import CONFIG_DIR
+from moe_gpt.compose import CONFIG_DIR, check_known_keys
 from moe_gpt.config import RunConfig, register_schema
 from moe_gpt.training.cpu_memory import reuse_freed_cpu_memory
 from moe_gpt.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, Diverged, Interrupted, one_line
@@ -71,6 +71,7 @@ def train_job(cfg: DictConfig) -> float:
     record = RunRecord(overrides=list(hydra_cfg.overrides.task))
     try:
         cfg, record.overrides = compose_for_resume(cfg, record.overrides, Path(hydra_cfg.runtime.output_dir))
+        check_known_keys(cfg, record.overrides)  # after the resume's recomposition: its keys count too
         run_config: RunConfig = OmegaConf.to_object(cfg)  # validates every value
         record.resolved_config = OmegaConf.to_container(cfg, resolve=True)
         record.save_config_files = lambda folder: save_config_files(folder, cfg, record.overrides)

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from moe_gpt.config import ConfigError, RunConfig, TrainerConfig
+from moe_gpt.config import ConfigError, RunConfig, TrainerConfig, check_cpu_devices
 from moe_gpt.training.lightning_internals import launches_by_rerunning_command
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ def check_accelerator_available(cfg: TrainerConfig) -> None:
         )
     if cfg.accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.accelerator=mps but this machine has no Apple GPU; use trainer=cpu")
+    if cfg.accelerator == "auto" and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        check_cpu_devices(cfg.devices, "with trainer.accelerator=auto on this machine, which has no GPU")
 
 
 def check_multirun_launch(trainer: L.Trainer) -> None:

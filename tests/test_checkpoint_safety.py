@@ -4,9 +4,11 @@ The payload test is live: the same file loaded the unsafe way really runs it (it
 so "the marker file does not exist" proves each entry point refused it.
 """
 
+import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from moe_gpt.weights.safe_load import load_model
@@ -113,6 +115,59 @@ def test_resuming_from_a_truncated_checkpoint_fails_before_any_data_is_built(
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
     assert not cache.exists()
+
+
+def train_from_hf_folder(folder: Path, corpus_overrides: list[str], tmp_path: Path):
+    """``train.py init_from=<folder>`` with TINY, whose model has the sizes of conftest's ``hf_gpt2_dir``."""
+    cache = tmp_path / "fresh-token-cache"
+    args = TINY + corpus_overrides + [f"data.cache_dir={cache}", f"init_from={folder}", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = train_main(args)
+    assert not cache.exists()
+    return result
+
+
+def hf_weights(hf_gpt2_dir: Path, tmp_path: Path, name: str, extra: dict | None = None) -> Path:
+    """The weights file ``name`` (model.safetensors or pytorch_model.bin, with ``extra`` entries) of a copy of
+    conftest's ``hf_gpt2_dir``, the only weights in that copy."""
+    folder = Path(shutil.copytree(hf_gpt2_dir, tmp_path / "hf"))
+    if name == "pytorch_model.bin":
+        state = safetensors.torch.load_file(folder / "model.safetensors")
+        (folder / "model.safetensors").unlink()  # transformers then reads pytorch_model.bin
+        torch.save({**state, **(extra or {})}, folder / name)
+    return folder / name
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
+def test_init_from_a_hf_folder_with_truncated_weights_is_one_line_naming_the_file(
+    hf_gpt2_dir, corpus_overrides, tmp_path, name
+):
+    weights = hf_weights(hf_gpt2_dir, tmp_path, name)
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # a download or copy cut off
+    result = train_from_hf_folder(weights.parent, corpus_overrides, tmp_path)
+    assert result.returncode == 2
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and f"{weights} is damaged or truncated" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_init_from_a_hf_folder_whose_pytorch_model_bin_would_run_code_is_refused_with_one_line(
+    hf_gpt2_dir, corpus_overrides, tmp_path
+):
+    marker = tmp_path / "payload-ran"
+    weights = hf_weights(hf_gpt2_dir, tmp_path, "pytorch_model.bin", extra={"innocent-looking": Payload(marker)})
+    torch.load(weights, weights_only=False)  # the unsafe way: the payload runs
+    assert marker.exists()
+    marker.unlink()
+
+    result = train_from_hf_folder(weights.parent, corpus_overrides, tmp_path)
+    assert result.returncode == 2
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and f"{weights} holds Python objects that would run as code when loaded; refused" in errors[0]
+    assert "Traceback" not in result.stderr and "weights_only" not in result.stderr
+    failure = tmp_path / "run" / "failure.json"
+    assert not failure.exists() or "weights_only" not in failure.read_text()
+    assert not marker.exists()
 
 
 def test_a_compiled_model_keeps_the_plain_models_keys():

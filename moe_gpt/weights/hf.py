@@ -11,21 +11,25 @@ and training without ``init_from`` never does.
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
 from moe_gpt.config import ConfigError, GPTConfig
 from moe_gpt.data.tokenizer import ENDOFTEXT_ID
 from moe_gpt.model.gpt import GPT
+from moe_gpt.weights.safe_load import holds_code, refused_as_code
 
 # model/gpt.py builds nn.LayerNorm with its default eps; tests/test_hf.py pins that the two agree.
 LAYER_NORM_EPS = 1e-5
 CONV1D_WEIGHT = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
 MASK_BUFFER = re.compile(r"\.attn\.(bias|masked_bias)$")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in the order from_pretrained prefers them
 
 # Our GPTConfig's size fields and their names in HF's GPT2Config.
 SIZE_NAMES = {
@@ -60,12 +64,30 @@ def load_hf_gpt2(source: str) -> GPT:
     config = gpt_config_from_hf(hf_config, source)
     try:
         hf_model = GPT2LMHeadModel.from_pretrained(location, config=hf_config)
+    except pickle.UnpicklingError as error:
+        if holds_code(error):
+            instead = "Use weights saved as model.safetensors (save_pretrained's default), which hold tensors only"
+            raise refused_as_code(_weights_name(location), instead) from None
+        raise _damaged(location, error) from None
+    except (SafetensorError, RuntimeError, EOFError) as error:  # what safetensors and torch.load raise on cut bytes
+        raise _damaged(location, error) from None
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0]
         raise ConfigError(f"{source}: no GPT-2 weights could be read ({reason})") from None
     model = GPT(config)
     model.load_state_dict(state_dict_from_hf(hf_model.state_dict(), config))
     return model.eval()
+
+
+def _weights_name(location: str) -> str:
+    """The file ``from_pretrained`` reads in a local folder (the first it would choose), else the hub name."""
+    folder = Path(location)
+    return next((str(folder / name) for name in WEIGHT_FILES if (folder / name).is_file()), location)
+
+
+def _damaged(location: str, error: Exception) -> ConfigError:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ConfigError(f"{_weights_name(location)} is damaged or truncated ({reason}); save or download it again")
 
 
 def locate(source: str) -> str:

@@ -36,11 +36,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         # mmap: tensors are read on first use, so checking a large checkpoint costs little memory.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
-        if "weights only" not in str(error).lower():
+        if not holds_code(error):
             raise _damaged(path) from None
-        raise ConfigError(
-            f"checkpoint {path} holds Python objects that would run as code when loaded; refused. "
-            "Load only checkpoints written by moe-gpt (they hold tensors and plain values)"
+        raise refused_as_code(
+            f"checkpoint {path}", "Load only checkpoints written by moe-gpt (they hold tensors and plain values)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile):
         raise _damaged(path) from None
@@ -54,6 +53,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "pass a .ckpt from a run's checkpoints/ folder"
         )
     return checkpoint
+
+
+def holds_code(error: pickle.UnpicklingError) -> bool:
+    """Whether ``torch.load(weights_only=True)`` refused a file for a pickled object that is no plain data
+    (rather than for damaged bytes)."""
+    return "weights only" in str(error).lower()
+
+
+def refused_as_code(what: str, instead: str) -> ConfigError:
+    """The one line for a file refused before its payload could run. (torch's own message advises
+    ``weights_only=False``, which would run it.)"""
+    return ConfigError(f"{what} holds Python objects that would run as code when loaded; refused. {instead}")
 
 
 def _damaged(path: Path) -> ConfigError:

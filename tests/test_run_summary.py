@@ -2,6 +2,7 @@
 
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from moe_gpt.training import run
 from moe_gpt.training.clock import TrainingClock
 from moe_gpt.training.run import run_callbacks
 from moe_gpt.training.summary import summary_text
-from tests.helpers import TINY, assert_drawn_plot, csv_column, train_in_process, train_main
+from tests.helpers import TINY, assert_drawn_plot, csv_column, script_main, train_in_process, train_main
 
 
 def test_a_run_ends_with_a_summary_whose_continue_command_works_even_without_a_logger(tmp_path, corpus_overrides, monkeypatch):
@@ -39,6 +40,17 @@ def test_a_run_ends_with_a_summary_whose_continue_command_works_even_without_a_l
     resumed = train_main(continue_command.split())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 2 * metrics["steps"]
+
+
+def test_a_run_shorter_than_val_check_interval_lists_only_the_checkpoints_it_wrote(tmp_path, corpus_overrides):
+    # TINY validates every 3 steps: in 2 steps no validation runs during training, so no best.ckpt is written.
+    train_in_process(TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2"], tmp_path)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert not (tmp_path / "checkpoints" / "best.ckpt").exists() and "best.ckpt" not in summary
+    assert f"checkpoints: {tmp_path / 'checkpoints'}/ (last.ckpt)" in summary
+    generate = next(line for line in summary.splitlines() if "generate:" in line).split("python scripts/generate.py ")[1]
+    result = script_main("generate", [*shlex.split(generate), "--max-new-tokens", "2"])
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 class ValidationProbe(Callback):

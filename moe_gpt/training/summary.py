@@ -19,7 +19,9 @@ SUMMARY_FILE = "summary.txt"
 def summary_text(metrics: dict[str, Any], run_dir: Path, logger_kind: str) -> str:
     """A dozen lines: where the run is, how it ended, how fast it trained, and what to run next."""
     folder = shlex.quote(str(run_dir))
-    best = run_dir / "checkpoints" / "best.ckpt"
+    checkpoints = run_dir / "checkpoints"
+    # best.ckpt follows validation during training: a run shorter than val_check_interval has none.
+    saved = [name for name in ("best.ckpt", "last.ckpt") if (checkpoints / name).is_file()]
     lines = [
         f"run finished: {run_dir}",
         f"  {metrics['steps']} steps, {metrics['train_tokens']:,} training tokens, {_duration(metrics['wall_time_s'])}",
@@ -27,12 +29,14 @@ def summary_text(metrics: dict[str, Any], run_dir: Path, logger_kind: str) -> st
         f"best {_number(metrics.get('best_val_loss'))}",
         f"  {_number(metrics['tokens_per_sec'], 0, thousands=True)} tokens/s (training only), "
         f"MFU {_mfu(metrics.get('mfu'))}",
-        f"  checkpoints: {run_dir / 'checkpoints'}/ (best.ckpt, last.ckpt)",
+        f"  checkpoints: {checkpoints}/ ({', '.join(saved) or 'none written'})",
         f"  logs: {_logs(run_dir, logger_kind)}",
         f"  loss curves: {run_dir / CURVES_FILE}",
-        f"  generate: python scripts/generate.py --checkpoint {shlex.quote(str(best))} --prompt 'def '",
-        f"  continue: python train.py hydra.run.dir={folder} resume=last trainer.max_steps={2 * metrics['steps']}",
     ]
+    if saved:
+        checkpoint = shlex.quote(str(checkpoints / saved[0]))
+        lines.append(f"  generate: python scripts/generate.py --checkpoint {checkpoint} --prompt 'def '")
+    lines.append(f"  continue: python train.py hydra.run.dir={folder} resume=last trainer.max_steps={2 * metrics['steps']}")
     return "\n".join(lines)
 
 

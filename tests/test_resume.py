@@ -233,6 +233,21 @@ def test_resume_uses_the_runs_own_config_applies_new_optimizer_values_and_contin
     assert last_checkpoint(run_dir)["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 5e-4
 
 
+def test_a_moved_run_folder_keeps_its_best_checkpoint_when_resumed(dense_run, tmp_path):
+    # Copied (as a moved folder): the checkpoints name the old folder's paths.
+    run_dir = tmp_path / "moved"
+    shutil.copytree(dense_run, run_dir)
+    best_before = json.loads((dense_run / "metrics.json").read_text())["best_val_loss"]
+    # To step 4: no validation in between (every 3 steps), so the best so far must come from step 3.
+    result = train_main([f"hydra.run.dir={run_dir}", "resume=last", "trainer.max_steps=4"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dirpath has changed" not in result.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["best_val_loss"] == best_before
+    (state,) = [v for k, v in last_checkpoint(run_dir)["callbacks"].items() if k.startswith("BestCheckpoint")]
+    assert state["best_model_path"] == str((run_dir / "checkpoints" / "best.ckpt").resolve())
+    assert float(state["best_model_score"]) == best_before
+
+
 @pytest.mark.slow
 def test_a_slurm_requeue_signal_saves_requeues_and_the_requeued_job_resumes(corpus_overrides, tmp_path):
     fake_bin = tmp_path / "bin"

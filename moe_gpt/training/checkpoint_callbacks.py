@@ -1,6 +1,7 @@
 """Writing checkpoints a run can continue from exactly: when last.ckpt is written, and what it holds
 beyond Lightning's own state (model, optimizer, schedule, loop and data-loader position).
 
+- ``BestCheckpoint``: ``best.ckpt``, the lowest validation loss so far, also across a moved folder.
 - ``LastCheckpoint``: ``last.ckpt`` every ``checkpoint.every_n_steps`` optimizer steps and at the
   last step, whatever validation does (``best.ckpt`` follows validation, see run.py).
 - ``RNGStateCallback``: the torch, CUDA, numpy and Python random states, so dropout masks after a
@@ -17,10 +18,44 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 
 from moe_gpt.training.lightning_internals import collect_rng_states, set_rng_states, validation_follows
 from moe_gpt.training.resume import RUN_RECORD
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``checkpoints/best.ckpt``: the state at the lowest ``val/loss`` so far.
+
+    Lightning restores the best score only when the checkpoint names the same folder path; in a run
+    folder that was moved or copied it would forget it, and the next validation would replace
+    ``best.ckpt`` even with a worse model. The saved paths are moved onto this folder instead. A run
+    continued from another folder's checkpoint starts afresh: that folder's ``best.ckpt`` is not here.
+    """
+
+    def __init__(self, run_dir: Path, continues_this_folder: bool):
+        super().__init__(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1)
+        self.continues_this_folder = continues_this_folder
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self.continues_this_folder:
+            return
+        saved_dir = state_dict.get("dirpath")
+        if saved_dir and saved_dir != self.dirpath:
+            state_dict = paths_moved(state_dict, saved_dir, self.dirpath)
+        super().load_state_dict(state_dict)
+
+
+def paths_moved(state: dict[str, Any], old_dir: str, new_dir: str) -> dict[str, Any]:
+    """ModelCheckpoint's state with every path under ``old_dir`` moved under ``new_dir``."""
+
+    def moved(path: Any) -> Any:
+        return new_dir + path[len(old_dir) :] if isinstance(path, str) and path.startswith(old_dir) else path
+
+    return {
+        **{key: moved(value) for key, value in state.items()},
+        "best_k_models": {moved(path): score for path, score in state.get("best_k_models", {}).items()},
+    }
 
 
 class LastCheckpoint(Checkpoint):

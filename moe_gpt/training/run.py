@@ -13,11 +13,16 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from moe_gpt.training.checkpoint_callbacks import LastCheckpoint, RNGStateCallback, RunRecordCallback
+from moe_gpt.training.checkpoint_callbacks import (
+    BestCheckpoint,
+    LastCheckpoint,
+    RNGStateCallback,
+    RunRecordCallback,
+)
 from moe_gpt.training.clock import TrainingClock
 from moe_gpt.config import ConfigError, RunConfig, run_warnings
 from moe_gpt.training.console import StepProgressBar
@@ -31,7 +36,7 @@ from moe_gpt.training.loggers import build_loggers
 from moe_gpt.training.preemption import StopAtStepEnd, stop_signals_raise
 from moe_gpt.training.resume import Resume, check_resumable, find_resume
 from moe_gpt.training.resume_changes import log_applied_changes
-from moe_gpt.training.run_folder import claimed, logging_to_file, settle_rank_before_trainer, write_json
+from moe_gpt.training.run_folder import claimed, is_inside, logging_to_file, settle_rank_before_trainer, write_json
 from moe_gpt.training.summary import CURVES_FILE, SUMMARY_FILE, summary_text, write_curves_png
 from moe_gpt.training.trainer import build_trainer, check_trainer_settings
 
@@ -99,9 +104,7 @@ def _train_in_claimed_dir(
     config_to_log = record.resolved_config or asdict(cfg)
     resumed_step = resume.step if resume is not None else None
     loggers = build_loggers(cfg.logger, run_dir, f"{model_kind}-{run_dir.name}", config_to_log, wandb_id, resumed_step)
-    best = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1
-    )
+    best = BestCheckpoint(run_dir, continues_this_folder=resume is not None and is_inside(resume.path, run_dir))
     run_record = {"overrides": record.overrides, "config": asdict(cfg), "wandb_id": wandb_id}
     clock = TrainingClock()
     history = LossHistory(clock)
@@ -153,7 +156,7 @@ def log_run_warnings(cfg: RunConfig, resume: Optional[Resume]) -> None:
 
 
 def run_callbacks(
-    cfg: RunConfig, best: ModelCheckpoint, run_record: dict[str, Any], with_lr_monitor: bool
+    cfg: RunConfig, best: BestCheckpoint, run_record: dict[str, Any], with_lr_monitor: bool
 ) -> list[L.Callback]:
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     callbacks = [

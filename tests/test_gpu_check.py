@@ -1,6 +1,7 @@
 """``make gpu-check`` on a CPU: its tiny version runs every part, prints the table and writes the report."""
 
 import json
+import os
 import time
 from dataclasses import replace
 
@@ -66,14 +67,16 @@ def test_the_cpu_version_reports_small_operator_errors_and_falling_losses(cpu_ch
     assert report["fsdp"]["status"] in ("ok", NOT_AVAILABLE)
 
 
-def test_a_strategy_that_is_not_fsdp2_is_reported_as_not_available_and_leaves_no_process_group(tmp_path):
+def test_a_strategy_that_is_not_fsdp2_is_reported_as_not_available_and_leaves_the_process_as_it_was(tmp_path):
     # What trainer.strategy=fsdp gives on a GPU today (Lightning's FSDP1), played on the CPU by DDP.
     args, overrides = parse_args([f"data.cache_dir={tmp_path / 'tokens'}"])
     plan = make_plan(args, overrides, tmp_path / "runs")
     plan = replace(plan, fsdp=replace(plan.fsdp, trainer=replace(plan.fsdp.trainer, strategy="ddp")))
+    environment = dict(os.environ)
     result = train_fsdp(plan, warmup_steps=2)
     assert result["status"] == NOT_AVAILABLE and "DDPStrategy here, not FSDP2" in result["reason"]
-    assert not torch.distributed.is_initialized()
+    # No process group and none of its variables (LOCAL_RANK would make later runs of this process skip launching).
+    assert not torch.distributed.is_initialized() and dict(os.environ) == environment
 
 
 def test_too_few_steps_for_the_warm_up_is_one_line_and_writes_nothing(tmp_path):
@@ -101,3 +104,5 @@ def test_the_step_timer_leaves_the_warm_up_steps_out(tiny_run_config, tmp_path):
     assert timing.warmup_seconds > 1.0 > timing.step_seconds > 0
     assert timing.tokens_per_sec == pytest.approx(4 * 32 / timing.step_seconds)  # batch 4 x 32 tokens per step
     assert timing.strategy == "SingleDeviceStrategy" and timing.peak_flops is None  # no known peak for a CPU
+    assert timing.mfu() is None  # unless a peak is given (--peak-tflops)
+    assert timing.mfu(1e12) == pytest.approx(timing.train_flops_per_token * timing.tokens_per_sec / 1e12)

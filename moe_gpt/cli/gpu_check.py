@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import shutil
 import statistics
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import lightning as L
 import torch
@@ -176,13 +178,12 @@ def train_and_time(cfg: RunConfig, warmup_steps: int, peak: Optional[float], *ca
     timing = timer.timing
     if timing is None:
         raise RuntimeError(f"the run ended at step {metrics['steps']} of {cfg.trainer.max_steps}, untimed")
-    peak = peak or timing.peak_flops
     first, last = loss_means(timing.losses)
     return {
         "strategy": timing.strategy, "steps": timing.steps, "warmup_steps": timing.warmup_steps,
         "warmup_seconds": timing.warmup_seconds, "step_seconds": timing.step_seconds,
         "tokens_per_sec": timing.tokens_per_sec,
-        "mfu": timing.train_flops_per_token * timing.tokens_per_sec / peak if peak else None,
+        "mfu": timing.mfu(peak),
         "peak_memory_mb": metrics["peak_memory_mb"], "params_total": metrics["params_total"],
         "params_active": metrics["params_active"], "val_loss": metrics["val_loss"], "losses": timing.losses,
         "loss_first": first, "loss_last": last, "loss_fell": last < first, "passed": last < first,
@@ -206,15 +207,30 @@ def fresh_device_memory() -> None:
 
 def train_fsdp(plan: Plan, warmup_steps: int) -> dict[str, Any]:
     """(c): the MoE model under trainer.strategy=fsdp, or why that is not FSDP2 here."""
-    distributed_before = torch.distributed.is_available() and torch.distributed.is_initialized()
+    with process_left_single():
+        try:
+            return train_and_time(plan.fsdp, warmup_steps, plan.peak_flops, RequireFSDP2())
+        except ConfigError as refused:  # the trainer settings check, or RequireFSDP2
+            return {"status": NOT_AVAILABLE, "reason": one_line(refused), "passed": True}
+
+
+@contextmanager
+def process_left_single() -> Iterator[None]:
+    """A distributed strategy sets up a process group and its variables (LOCAL_RANK, MASTER_PORT, ...) even for
+    one process; both are undone after it, or a later run in this process would take itself for a launched one."""
+    environment, initialized = dict(os.environ), is_distributed()
     try:
-        return train_and_time(plan.fsdp, warmup_steps, plan.peak_flops, RequireFSDP2())
-    except ConfigError as refused:  # the trainer settings check, or RequireFSDP2
-        return {"status": NOT_AVAILABLE, "reason": one_line(refused), "passed": True}
+        yield
     finally:
-        # The strategy set up a process group for its one process; the rest of this process runs without one.
-        if not distributed_before and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed() and not initialized:
             torch.distributed.destroy_process_group()
+        for key in set(os.environ) - set(environment):
+            del os.environ[key]
+        os.environ.update(environment)
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def run_part(name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:

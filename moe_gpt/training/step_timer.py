@@ -1,4 +1,4 @@
-"""A run's steady-state speed and every step's loss, for checks that train a few steps (``make gpu-check``).
+"""A run's steady-state speed and each step's loss, for checks that train a few steps (``make gpu-check``).
 
 The run's own figure (``TrainingClock``) counts every step from the first, so a short compiled run's
 tokens/s is mostly compile time. ``StepTimer`` times the steps after ``warmup_steps`` only: from the end
@@ -29,11 +29,12 @@ class StepTiming:
     tokens_per_sec: float  # over the timed steps, all processes
     train_flops_per_token: float
     peak_flops: Optional[float]  # the devices' peak (Lightning's table); None where unknown
-    losses: list[float]  # every step's training loss
+    losses: list[float]  # each training batch's loss (one a step without gradient accumulation)
 
-    @property
-    def mfu(self) -> Optional[float]:
-        return self.train_flops_per_token * self.tokens_per_sec / self.peak_flops if self.peak_flops else None
+    def mfu(self, peak_flops: Optional[float] = None) -> Optional[float]:
+        """Over the timed steps, against ``peak_flops`` (default: Lightning's figure); None without a peak."""
+        peak = peak_flops or self.peak_flops
+        return self.train_flops_per_token * self.tokens_per_sec / peak if peak else None
 
 
 class StepTimer(Callback):

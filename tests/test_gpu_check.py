@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -14,7 +17,7 @@ from moe_gpt.config import TrainerConfig
 from moe_gpt.model.kernel_check import BF16_TOLERANCE
 from moe_gpt.training.run import RunRecord, train
 from moe_gpt.training.step_timer import StepTimer
-from tests.helpers import script_main
+from tests.helpers import REPO, script_main
 
 GRADIENTS = [f"{name} grad" for name in ("input", "routing weight", "c_fc_weight", "c_proj_weight", "c_fc_bias", "c_proj_bias")]
 
@@ -106,3 +109,18 @@ def test_the_step_timer_leaves_the_warm_up_steps_out(tiny_run_config, tmp_path):
     assert timing.strategy == "SingleDeviceStrategy" and timing.peak_flops is None  # no known peak for a CPU
     assert timing.mfu() is None  # unless a peak is given (--peak-tflops)
     assert timing.mfu(1e12) == pytest.approx(timing.train_flops_per_token * timing.tokens_per_sec / 1e12)
+
+
+@pytest.mark.slow  # its subject is a signal to a real process
+def test_ctrl_c_stops_the_check_with_exit_code_130_and_writes_no_report(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    command = [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--out", str(out), f"data.cache_dir={tmp_path}"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # until the first model starts training
+        if line.startswith("== (b) dense"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "gpu check: stopped by SIGINT" in stderr and not out.exists()

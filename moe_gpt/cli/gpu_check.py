@@ -25,7 +25,9 @@ import argparse
 import gc
 import os
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -42,10 +44,11 @@ from moe_gpt.cli.common import USER_ERRORS, ArgumentParser, UsageError, entry_po
 from moe_gpt.compare.variants import parse_variant
 from moe_gpt.compose import compose_run_config, merge_overrides
 from moe_gpt.config import ConfigError, RunConfig
-from moe_gpt.errors import EXIT_FAILED, one_line
+from moe_gpt.errors import EXIT_FAILED, Interrupted, one_line
 from moe_gpt.model.kernel_check import BF16_TOLERANCE, OperatorCase, operator_errors
 from moe_gpt.reporting import MFU_FORMAT, cell, markdown_table
 from moe_gpt.training.console import tidy_lightning_logging
+from moe_gpt.training.preemption import stop_signals_raise
 from moe_gpt.training.run import RunRecord, train
 from moe_gpt.training.run_folder import write_json
 from moe_gpt.training.step_timer import StepTimer
@@ -207,7 +210,7 @@ def fresh_device_memory() -> None:
 
 def train_fsdp(plan: Plan, warmup_steps: int) -> dict[str, Any]:
     """(c): the MoE model under trainer.strategy=fsdp, or why that is not FSDP2 here."""
-    with process_left_single():
+    with process_as_before():
         try:
             return train_and_time(plan.fsdp, warmup_steps, plan.peak_flops, RequireFSDP2())
         except ConfigError as refused:  # the trainer settings check, or RequireFSDP2
@@ -215,7 +218,7 @@ def train_fsdp(plan: Plan, warmup_steps: int) -> dict[str, Any]:
 
 
 @contextmanager
-def process_left_single() -> Iterator[None]:
+def process_as_before() -> Iterator[None]:
     """A distributed strategy sets up a process group and its variables (LOCAL_RANK, MASTER_PORT, ...) even for
     one process; both are undone after it, or a later run in this process would take itself for a launched one."""
     environment, initialized = dict(os.environ), is_distributed()
@@ -339,7 +342,12 @@ def main(argv: list[str]) -> int:
         print(f"gpu check, {plan.scale.name} version, on {device_name(plan.scale)} (torch {torch.__version__})")
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)  # now, not after minutes of training
-        report = run_check(plan)
+        try:
+            with stop_signals_raise():
+                report = run_check(plan)
+        except Interrupted as stop:
+            print(f"gpu check: stopped by {signal.Signals(stop.signum).name}; {out} not written", file=sys.stderr)
+            return stop.exit_code
     report = {
         "scale": plan.scale.name, "device": device_name(plan.scale), "torch": torch.__version__,
         **report, "goals": goals(report, plan), "seconds": time.perf_counter() - started,

@@ -1,5 +1,5 @@
 # The README's commands. Arguments for train.py go in ARGS: make train ARGS="model=dense"
-.PHONY: setup train test test-slow bench
+.PHONY: setup train test test-slow bench gpu-check
 
 setup:
 	bash scripts/setup.sh
@@ -18,3 +18,8 @@ test-slow: setup
 
 bench: setup
 	.venv/bin/python scripts/bench_moe.py $(ARGS)
+
+# On a CUDA GPU: the expert operator, GPT-2 small dense vs MoE speed, FSDP2, falling losses (docs/gpu.md);
+# on a CPU the same parts at a tiny size, in seconds. Writes gpu_check.json here.
+gpu-check: setup
+	.venv/bin/python scripts/gpu_check.py $(ARGS)

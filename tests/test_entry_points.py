@@ -25,6 +25,7 @@ RUNS = {
     "scripts/export_hf.py": (["--help"], 0, "usage: export_hf.py"),
     "scripts/fetch_tokenizer.py": (["--dir", str(REPO / "data" / "tokenizer")], 0, "already present and verified"),
     "scripts/generate.py": (["--help"], 0, "usage: generate.py"),
+    "scripts/gpu_check.py": (["--help"], 0, "usage: gpu_check.py"),
     "scripts/prune_experts.py": (["--help"], 0, "usage: prune_experts.py"),
     "scripts/summarize_sweep.py": (["--help"], 0, "usage: summarize_sweep.py"),
 }
@@ -46,7 +47,7 @@ def test_every_command_is_a_console_script_named_after_its_module_and_has_a_wrap
     assert wrappers == commands  # train.py's wrapper sits at the top, the others in scripts/
 
 
-@pytest.mark.slow  # ten interpreters that import torch: ~3-5 s each on 2 cores
+@pytest.mark.slow  # eleven interpreters that import torch: ~3-5 s each on 2 cores
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_every_wrapper_script_runs_its_command_and_passes_its_exit_code_on(script):
     args, code, text = RUNS[script]

@@ -63,9 +63,7 @@ class TrainingClock(Timer):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._tokens_at_start = pl_module.tokens_seen
-        dtype = MATMUL_DTYPES.get(str(trainer.precision), torch.float32)
-        peak = get_available_flops(trainer.strategy.root_device, dtype)
-        self._peak_flops = peak * trainer.world_size if peak else None
+        self._peak_flops = peak_flops(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -94,3 +92,11 @@ class TrainingClock(Timer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._seconds_before_this_session = state_dict["time_elapsed"]["train"]
+
+
+def peak_flops(trainer: L.Trainer) -> Optional[float]:
+    """The peak FLOP/s of all the run's devices together in its matmul dtype, from Lightning's table of
+    devices; None where the device is not in it (CPUs, and GPUs whose name it does not match)."""
+    dtype = MATMUL_DTYPES.get(str(trainer.precision), torch.float32)
+    peak = get_available_flops(trainer.strategy.root_device, dtype)
+    return peak * trainer.world_size if peak else None

@@ -51,6 +51,7 @@ class RunRecord:
     resolved_config: Optional[dict[str, Any]] = None  # what W&B shows; default: the RunConfig as a dict
     save_config_files: Optional[Callable[[Path], None]] = None  # train.py writes Hydra's .hydra/ files
     claimed: bool = False  # set once the folder is this run's: only then may a failure be recorded in it
+    callbacks: list[L.Callback] = field(default_factory=list)  # added to the run's own (the GPU check's step timer)
 
 
 def train(cfg: RunConfig, record: Optional[RunRecord] = None) -> dict[str, Any]:
@@ -110,6 +111,7 @@ def _train_in_claimed_dir(
     history = LossHistory(clock)
     # First: a checkpoint saved at a validation's end (preemption.py) then holds that validation's point.
     callbacks = [clock, history, *run_callbacks(cfg, best, run_record, with_lr_monitor=bool(loggers))]
+    callbacks += record.callbacks
     trainer = build_trainer(cfg, loggers, callbacks)
     warn_if_world_size_changed(resume, trainer)
     try:

@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -109,6 +110,19 @@ def tiny_run_config(tiny_corpus) -> Callable[..., RunConfig]:
         return RunConfig(**{**settings, **fields})
 
     return make
+
+
+@pytest.fixture
+def tmpdir_elsewhere(tmp_path, monkeypatch) -> Path:
+    """TMPDIR on another filesystem than tmp_path (a tmpfs), where a rename from TMPDIR cannot be atomic."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's tmp_path")
+    folder = shm / f"moe-gpt-test-{os.getpid()}-{tmp_path.name}"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    yield folder
+    shutil.rmtree(folder)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,9 @@ so "the marker file does not exist" proves each entry point refused it.
 """
 
 import shutil
+import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -168,6 +171,44 @@ def test_init_from_a_hf_folder_whose_pytorch_model_bin_would_run_code_is_refused
     failure = tmp_path / "run" / "failure.json"
     assert not failure.exists() or "weights_only" not in failure.read_text()
     assert not marker.exists()
+
+
+def with_flipped_bytes(checkpoint: Path, folder: Path) -> Path:
+    """A copy of ``checkpoint`` with 16 bytes inverted in the middle of its largest tensor: the same size and
+    still a readable zip file, only the weights changed (what a bad disk or a bad copy does)."""
+    data = bytearray(checkpoint.read_bytes())
+    with zipfile.ZipFile(checkpoint) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    name_length, extra_length = struct.unpack("<HH", data[record.header_offset + 26 : record.header_offset + 30])
+    middle = record.header_offset + 30 + name_length + extra_length + record.file_size // 2
+    data[middle : middle + 16] = bytes(byte ^ 0xFF for byte in data[middle : middle + 16])
+    copy = folder / "flipped.ckpt"
+    copy.write_bytes(data)
+    return copy
+
+
+def test_torch_stores_a_real_crc_for_every_record_of_a_checkpoint(tiny_moe_checkpoint):
+    with zipfile.ZipFile(tiny_moe_checkpoint) as archive:
+        records = [info for info in archive.infolist() if info.file_size > 0]
+        assert records and all(info.CRC == zlib.crc32(archive.read(info.filename)) != 0 for info in records)
+
+
+def test_a_checkpoint_with_flipped_bytes_is_refused_by_every_reader_with_one_line(
+    tiny_moe_checkpoint, corpus_overrides, tmp_path
+):
+    path = with_flipped_bytes(tiny_moe_checkpoint, tmp_path)
+    assert torch.load(path, weights_only=True)["global_step"] == 2  # torch alone loads it as if nothing happened
+    results = {
+        "resume": train_main(TINY + corpus_overrides + [f"resume={path}", f"hydra.run.dir={tmp_path / 'run'}"]),
+        "generate": script_main("generate", ["--checkpoint", str(path), "--max-new-tokens", "2"]),
+        "analyze": script_main("analyze", ["routing", "--checkpoint", str(path), "--text", "x"]),
+    }
+    for reader, result in results.items():
+        assert result.returncode == 2, (reader, result.stderr[-2000:])
+        errors = error_lines(result.stderr)
+        assert len(errors) == 1 and "Traceback" not in result.stderr, (reader, result.stderr[-2000:])
+        assert f"checkpoint {path} is damaged: its record" in errors[0], reader
+        assert errors[0].endswith("use another checkpoint of that run, e.g. best.ckpt"), reader
 
 
 def test_a_compiled_model_keeps_the_plain_models_keys():

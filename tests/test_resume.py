@@ -7,8 +7,10 @@ Runs that receive signals or are killed run train.py as a process of their own; 
 per-step training losses, validation losses and token counts as the run left alone.
 """
 
+import csv
 import json
 import os
+import random
 import shutil
 import signal
 import stat
@@ -22,7 +24,10 @@ import torch
 import yaml
 
 from moe_gpt.errors import Interrupted
+from moe_gpt.training.atomic_write import temp_files
+from moe_gpt.training.loggers import ContinuingCSVLogger
 from moe_gpt.training.preemption import stop_signals_raise
+from moe_gpt.weights.safe_load import read_checkpoint
 from tests.helpers import (
     REPO,
     TINY,
@@ -44,6 +49,9 @@ RESUMABLE = TINY + [
     "trainer.accumulate_grad_batches=2",
     "model.dropout=0.1",
 ]
+
+
+EXPERT_USAGE = "moe/max_load_violation"  # one column of the expert-usage rows
 
 
 def train_cli(args: list[str]) -> int:
@@ -73,6 +81,9 @@ def assert_same_run(expected: Path, actual: Path) -> None:
     strip_time = lambda history: [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]  # noqa: E731
     assert strip_time(resumed_metrics["val_history"]) == strip_time(metrics["val_history"])
     assert [entry["step"] for entry in metrics["val_history"]] == [2, 4, 6, 8, 10]
+    # Every expert-usage row, the checkpoint's step's included (the counts restart at a resume: steps only).
+    usage_steps = lambda run_dir: [step for step, _ in csv_column(run_dir, EXPERT_USAGE)]  # noqa: E731
+    assert usage_steps(actual) == usage_steps(expected)
 
 
 def resume_last(run_dir: Path) -> None:
@@ -80,15 +91,8 @@ def resume_last(run_dir: Path) -> None:
     assert train_cli([f"hydra.run.dir={run_dir}", "resume=last"]) == 0
 
 
-# Known open bug (issue 15, non-atomic writes): a kill that lands while Lightning's CSV writer rewrites
-# metrics.csv (it rewrites the whole file when new columns appear) can lose a logged row; the weights
-# still resume exactly. Seen once in six fresh-clone runs at 0.8 s. Not strict, so a pass still counts.
-CSV_REWRITE_RACE = pytest.mark.xfail(strict=False, raises=AssertionError, reason="kill -9 mid CSV rewrite can lose a row (issue 15)")
-
-
 @pytest.mark.parametrize(
-    "delay",
-    [0.0, pytest.param(0.4, marks=[pytest.mark.slow, CSV_REWRITE_RACE]), pytest.param(0.8, marks=[pytest.mark.slow, CSV_REWRITE_RACE])],
+    "delay", [0.0, pytest.param(0.4, marks=pytest.mark.slow), pytest.param(0.8, marks=pytest.mark.slow)]
 )
 def test_a_run_killed_with_sigkill_resumes_into_the_same_run(uninterrupted, corpus_overrides, tmp_path, delay):
     run_dir = tmp_path / "run"
@@ -101,6 +105,51 @@ def test_a_run_killed_with_sigkill_resumes_into_the_same_run(uninterrupted, corp
 
     resume_last(run_dir)
     assert_same_run(uninterrupted, run_dir)
+
+
+def files_in(tmpdir: Path) -> list[Path]:
+    """The files directly in TMPDIR, where Lightning's own save writes (tiktoken keeps a cache folder there)."""
+    return [path for path in tmpdir.iterdir() if path.is_file()]
+
+
+def wait_for_a_checkpoint_write(
+    checkpoints: Path, tmpdir: Path, process: subprocess.Popen, leftovers: list[Path]
+) -> None:
+    """Until a checkpoint is being written: a new temporary file beside last.ckpt, or a file in TMPDIR (where
+    Lightning's own save writes first)."""
+    deadline = time.monotonic() + 300
+    while not (set(temp_files(checkpoints)) - set(leftovers) or files_in(tmpdir)):
+        assert process.poll() is None, f"train.py ended (code {process.returncode}):\n{process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint write began within 300 s"
+        time.sleep(0.001)
+
+
+@pytest.mark.slow
+def test_kill_9_while_checkpoints_are_written_always_leaves_a_run_that_resumes(
+    corpus_overrides, tmp_path, tmpdir_elsewhere
+):
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    # TINY's checkpoint is 20 MB (mostly the embedding and its AdamW state): a write takes a while.
+    every_step = ["logger=csv", "checkpoint.every_n_steps=1", "trainer.max_steps=1000", f"hydra.run.dir={run_dir}"]
+    first = TINY + corpus_overrides + every_step
+    rng = random.Random(0)
+    mid_write = 0
+    for attempt in range(4):
+        leftovers = temp_files(checkpoints) if checkpoints.is_dir() else []
+        process = start_train_cli(first if attempt == 0 else [f"hydra.run.dir={run_dir}", "resume=last"], cwd=tmp_path)
+        wait_for_file(checkpoints / "last.ckpt", process)
+        wait_for_a_checkpoint_write(checkpoints, tmpdir_elsewhere, process, leftovers)
+        time.sleep(rng.uniform(0.0, 0.03))
+        process.kill()
+        process.wait()
+        mid_write += bool(set(temp_files(checkpoints)) - set(leftovers))
+        read_checkpoint(checkpoints / "last.ckpt")  # complete: every record's CRC matches
+        assert files_in(tmpdir_elsewhere) == [], "a temporary file was left in TMPDIR"
+    step = last_checkpoint(run_dir)["global_step"]
+    assert train_cli([f"hydra.run.dir={run_dir}", "resume=last", f"trainer.max_steps={step + 2}"]) == 0
+    assert last_checkpoint(run_dir)["global_step"] == step + 2
+    assert temp_files(checkpoints) == [] and mid_write >= 2, f"{mid_write} of 4 kills landed during a write"
 
 
 @pytest.mark.parametrize(
@@ -134,6 +183,55 @@ def test_a_stop_signal_before_training_starts_stops_at_once():
         time.sleep(5)  # never reached: the handler raises
     assert stopped.value.step is None and stopped.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.fixture(scope="module")
+def continued_run(tmp_path_factory, corpus_overrides) -> tuple[Path, list[tuple[int, float]]]:
+    """A finished run of 2 steps continued to 4, and the val/loss rows of its first session.
+
+    TINY logs expert usage every 2 steps, so the checkpoint's step has an expert-usage row; it
+    validates every 3 steps, so the first session ends with one more validation pass, logged at step
+    2, and so is the continued run's validation after step 3 (Lightning logs it at the step before).
+    """
+    run_dir = tmp_path_factory.mktemp("continued")
+    assert train_cli(TINY + corpus_overrides + ["logger=csv", "trainer.max_steps=2", f"hydra.run.dir={run_dir}"]) == 0
+    first_session = csv_column(run_dir, "val/loss")
+    assert first_session == [(2, json.loads((run_dir / "metrics.json").read_text())["val_loss"])]
+    assert train_cli([f"hydra.run.dir={run_dir}", "resume=last", "trainer.max_steps=4"]) == 0
+    return run_dir, first_session
+
+
+def test_a_resumed_run_keeps_the_expert_usage_row_of_its_checkpoints_step(continued_run):
+    run_dir, _ = continued_run
+    assert [step for step, _ in csv_column(run_dir, EXPERT_USAGE)] == [2, 4]
+
+
+def test_continuing_a_finished_run_keeps_its_final_validation_row(continued_run):
+    run_dir, first_session = continued_run
+    continued = csv_column(run_dir, "val/loss")
+    assert continued[:1] == first_session and [step for step, _ in continued] == [2, 2, 4]
+
+
+def test_a_resumed_csv_log_replaces_the_rows_a_killed_session_logged_past_its_checkpoint(tmp_path):
+    lr, expert_usage = {"lr-AdamW": 1e-3}, {EXPERT_USAGE: 0.5}
+    before = [(3, lr), (3, {"train/loss": 2.0, "train/epochs": 0.4}), (4, expert_usage)]  # steps 1-4
+    # Killed after its checkpoint at step 4: Lightning logs the next batch's rows, and the validation
+    # after step 5, at step 4 too.
+    after = [
+        (4, lr),
+        (4, {"train/loss": 1.9, "train/epochs": 0.5}),
+        (4, {"val/loss": 2.1, "train/epochs": 0.5}),
+        (5, lr),
+    ]
+    killed = ContinuingCSVLogger(tmp_path, resumed_step=None)
+    for step, metrics in before + after:
+        killed.log_metrics(metrics, step)
+    resumed = ContinuingCSVLogger(tmp_path, resumed_step=4)
+    for step, metrics in after:  # an exact resume logs them again
+        resumed.log_metrics(metrics, step)
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as handle:
+        logged = [(int(row.pop("step")), {k: float(v) for k, v in row.items() if v}) for row in csv.DictReader(handle)]
+    assert logged == before + after
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ beyond Lightning's own state (model, optimizer, schedule, loop and data-loader p
   resume are the ones the uninterrupted run would have drawn.
 - ``RunRecordCallback``: the command-line overrides and settings of the run (resume.py reads them).
 
-Every write goes through Lightning's ``trainer.save_checkpoint``: to a temporary file, then renamed.
+Every write goes through Lightning's ``trainer.save_checkpoint`` and the Trainer's ``AtomicCheckpointIO``
+(atomic_write.py): to a temporary file beside the target, synced, then renamed over it.
 """
 
 from __future__ import annotations

@@ -35,8 +35,6 @@ def tidy_lightning_logging() -> None:
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
     # Lightning warns whenever checkpoints/ is not empty, resumes included; run_folder.py decides who writes there.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    # The CSV logger's folder holds the earlier session's files on resume; ContinuingCSVLogger keeps its rows.
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 class RemainingTimeColumn(ProgressColumn):

@@ -164,10 +164,11 @@ def run_callbacks(
     callbacks = [
         best,
         LastCheckpoint(last, cfg.checkpoint.every_n_steps),
+        # Before StopAtStepEnd: a step's usage row is on disk before a stop signal's checkpoint holds the step.
+        ExpertUsageLogger(cfg.logger.expert_stats_every_n_steps, cfg.logger.heatmap_every_n_steps),
         StopAtStepEnd(last),
         RunRecordCallback(run_record),
         RNGStateCallback(),
-        ExpertUsageLogger(cfg.logger.expert_stats_every_n_steps, cfg.logger.heatmap_every_n_steps),
         StepProgressBar(),
     ]
     return callbacks + [LearningRateMonitor(logging_interval="step")] if with_lr_monitor else callbacks

@@ -15,13 +15,15 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from moe_gpt.config import ConfigError, RunConfig, TrainerConfig, check_cpu_devices
+from moe_gpt.training.atomic_write import AtomicCheckpointIO
 from moe_gpt.training.lightning_internals import launches_by_rerunning_command
 
 log = logging.getLogger(__name__)
 
 
 def build_trainer(cfg: RunConfig, loggers: list[Logger], callbacks: list[Callback]) -> L.Trainer:
-    plugins = []
+    # Every checkpoint (last.ckpt, best.ckpt, the save on a stop signal) is written atomically.
+    plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # Lightning's own requeue handler saves a checkpoint mid-step from inside the signal
         # handler; preemption.py saves at the end of the step instead and requeues then.

@@ -1,7 +1,8 @@
 """Reading training checkpoints safely: tensors and plain Python values only, never code.
 
 ``torch.load(weights_only=True)`` refuses any pickled object that is not a tensor, a container or
-a plain value, so a checkpoint carrying a payload is rejected before the payload can run. Every
+a plain value, so a checkpoint carrying a payload is rejected before the payload can run; a file
+whose bytes changed since it was written (its stored CRC-32s) is refused before it is unpickled. Every
 entry point (resume, init_from, generation, analysis, export) reads checkpoints through here, and
 every problem with the file is one line naming it and what to do.
 """
@@ -32,6 +33,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"checkpoint {path} does not exist; pass a .ckpt from a run's checkpoints/ folder")
     if path.stat().st_size == 0:
         raise ConfigError(f"checkpoint {path} is empty (0 bytes); use another checkpoint of that run, e.g. best.ckpt")
+    check_stored_checksums(path)
     try:
         # mmap: tensors are read on first use, so checking a large checkpoint costs little memory.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -65,6 +67,25 @@ def refused_as_code(what: str, instead: str) -> ConfigError:
     """The one line for a file refused before its payload could run. (torch's own message advises
     ``weights_only=False``, which would run it.)"""
     return ConfigError(f"{what} holds Python objects that would run as code when loaded; refused. {instead}")
+
+
+def check_stored_checksums(path: Path) -> None:
+    """Every record of the checkpoint's zip file against the CRC-32 stored with it.
+
+    torch.save stores one per record (``torch.serialization.config.save.compute_crc32``, on by
+    default) but torch.load never checks them, so a file with flipped bytes would load as wrong
+    weights. The checksums live inside the file, so no kill can leave them out of step with it.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            failed = archive.testzip()  # the first record whose bytes do not match its CRC, or None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        raise _damaged(path) from None
+    if failed is not None:
+        raise ConfigError(
+            f"checkpoint {path} is damaged: its record {failed} does not match the checksum stored when it was "
+            "written; use another checkpoint of that run, e.g. best.ckpt"
+        )
 
 
 def _damaged(path: Path) -> ConfigError:

@@ -12,6 +12,7 @@ from PIL import Image
 from moe_gpt.config import GPTConfig, MoEConfig
 from moe_gpt.training.expert_usage import usage_heatmap_png, usage_stats
 from moe_gpt.model.moe import MoELayer
+from tests.helpers import TINY, csv_column, train_main
 
 
 def layer_with_counts(counts: list[float]) -> MoELayer:
@@ -62,3 +63,17 @@ def test_the_heatmap_draws_each_share_in_its_layers_row_and_experts_column():
     layer = (hot_y - column_span.min()) / (column_span.max() - column_span.min()) * 4
     assert (int(layer), int(expert)) == (2, 5)
     assert len(hot_rows) == pytest.approx(len(cold_rows) / 31, rel=0.2)  # one cell's area against 31 cells'
+
+
+def test_a_run_resumed_between_two_usage_logs_logs_the_usage_of_the_run_left_alone(tmp_path, corpus_overrides):
+    # Logged every 2 steps, stopped at step 3 with gradient accumulation: the counts of step 3 and the
+    # repeated step number within step 4's batches both matter. A constant lr after warm-up makes the
+    # shorter first session train as the longer run does.
+    args = [*TINY, *corpus_overrides, "logger=csv", "trainer.accumulate_grad_batches=2", "optim.min_lr_ratio=1.0"]
+    assert train_main([*args, "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'alone'}"]).returncode == 0
+    assert train_main([*args, "trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'resumed'}"]).returncode == 0
+    assert train_main([f"hydra.run.dir={tmp_path / 'resumed'}", "resume=last", "trainer.max_steps=4"]).returncode == 0
+
+    share = "moe/layer0/expert0_share"
+    assert [step for step, _ in csv_column(tmp_path / "alone", share)] == [2, 4]
+    assert csv_column(tmp_path / "resumed", share) == csv_column(tmp_path / "alone", share)

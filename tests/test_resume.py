@@ -81,9 +81,9 @@ def assert_same_run(expected: Path, actual: Path) -> None:
     strip_time = lambda history: [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]  # noqa: E731
     assert strip_time(resumed_metrics["val_history"]) == strip_time(metrics["val_history"])
     assert [entry["step"] for entry in metrics["val_history"]] == [2, 4, 6, 8, 10]
-    # Every expert-usage row, the checkpoint's step's included (the counts restart at a resume: steps only).
-    usage_steps = lambda run_dir: [step for step, _ in csv_column(run_dir, EXPERT_USAGE)]  # noqa: E731
-    assert usage_steps(actual) == usage_steps(expected)
+    # Every expert-usage row, the checkpoint's step's included, with the same values (the counts are saved).
+    for column in (EXPERT_USAGE, "moe/layer0/expert0_share"):
+        assert csv_column(actual, column) == csv_column(expected, column), column
 
 
 def resume_last(run_dir: Path) -> None:

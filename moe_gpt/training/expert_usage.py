@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -19,6 +20,13 @@ def usage_counters(layer: MoELayer) -> Tensor:
     routed tokens."""
     scalars = [layer.dropped_slots, layer.router_entropy_sum, layer.routed_tokens]
     return torch.cat([layer.tokens_per_expert.float(), *(value.float()[None] for value in scalars)])
+
+
+def restore_usage_counters(layer: MoELayer, row: Tensor) -> None:
+    """The inverse of ``usage_counters``: the layer's counters set from one row (on the counters' own device)."""
+    counters = (layer.tokens_per_expert, layer.dropped_slots, layer.router_entropy_sum, layer.routed_tokens)
+    for counter, value in zip(counters, (row[:-3], row[-3], row[-2], row[-1])):
+        counter.copy_(value)
 
 
 def usage_stats(layer: MoELayer) -> dict[str, float | list[float]]:
@@ -65,21 +73,58 @@ LAYER_METRICS = (
 
 
 class ExpertUsageLogger(L.Callback):
-    """Every N optimizer steps, logs each MoE layer's usage; every M steps a heatmap to W&B."""
+    """Every N optimizer steps, logs each MoE layer's usage; every M steps a heatmap to W&B.
+
+    A step's usage is logged when the next step starts (or training ends): after any checkpoint of
+    that step, which holds the counts since the last log. A run resumed from it then logs that step's
+    usage itself, as a resumed run logs its first step's other metrics (loggers.py drops the rows from
+    that step on).
+    """
 
     def __init__(self, every_n_steps: int, heatmap_every_n_steps: int):
         self.every_n_steps = every_n_steps
         self.heatmap_every_n_steps = heatmap_every_n_steps
-        self._last_logged_step = -1
+        self._last_logged_step = 0
+        self._layers: list[MoELayer] = []
+        self._trainer: Optional[L.Trainer] = None
+        self._restored: Optional[dict[str, Any]] = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer, self._layers = trainer, pl_module.model.moe_layers()
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self._layers:
+            return {}
+        # Summed over the processes (every process saves): the log reads only the sums, so the counts come
+        # back right at any process count.
+        return {"counters": self._summed_counters().cpu(), "last_logged_step": self._last_logged_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict or None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._restored is None:  # a new run (step 0), or a checkpoint without the counts: nothing to log yet
+            self._last_logged_step = trainer.global_step
+            return
+        self._last_logged_step = self._restored["last_logged_step"]
+        if trainer.is_global_zero:  # the sums on one process, zeros on the others
+            for layer, row in zip(self._layers, self._restored["counters"]):
+                restore_usage_counters(layer, row)
+        self._restored = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        self._log_if_due(trainer)  # the step that has just ended (within accumulation the step repeats)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log_if_due(trainer)  # the last step
+
+    def _log_if_due(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
-        layers = pl_module.model.moe_layers()
+        layers = self._layers
         if not layers or step % self.every_n_steps != 0 or step == self._last_logged_step:
             return
         self._last_logged_step = step
-        # Summed over every process: each rank only counts the tokens of its own batches.
-        counters = trainer.strategy.reduce(torch.stack([usage_counters(layer) for layer in layers]), reduce_op="sum")
+        counters = self._summed_counters()
         stats = [stats_from_counters(row) for row in counters]
         for layer, layer_stats in zip(layers, stats):
             if layer.router.selection_bias is not None:  # aux_free: the same on every process
@@ -91,6 +136,12 @@ class ExpertUsageLogger(L.Callback):
             layer.reset_usage()
         if step % self.heatmap_every_n_steps == 0:
             self._log_heatmap(trainer, [s["share"] for s in stats])
+
+    def _summed_counters(self) -> Tensor:
+        """Every MoE layer's counters as one row each, summed over every process: each rank only counts the
+        tokens of its own batches."""
+        counters = torch.stack([usage_counters(layer) for layer in self._layers])
+        return self._trainer.strategy.reduce(counters, reduce_op="sum")
 
     @staticmethod
     def _flatten(stats: list[dict]) -> dict[str, float]:

@@ -93,10 +93,11 @@ class MetricsFile:
     written beside it and renamed over it (atomic_write.py).
 
     A run resumed at step N keeps the earlier rows except those it logs again. Rows after step N are
-    dropped at the start: the resumed run repeats that work. Rows at step N stay: that step's expert
-    usage and a finished run's final validation are never logged again; but Lightning numbers the
-    rows of the batch after step N (training loss, learning rate, the validation that follows it)
-    N as well, so an earlier row at step N is dropped when the resumed run logs the same measurement.
+    dropped at the start: the resumed run repeats that work. Rows at step N stay: a finished run's final
+    validation is never logged again; but Lightning numbers the rows of the batch after step N
+    (training loss, learning rate, the validation that follows it) N as well, and the resumed run logs
+    step N's expert usage again from the checkpoint's counts (expert_usage.py), so an earlier row at
+    step N is dropped when the resumed run logs the same measurement.
     """
 
     def __init__(self, log_dir: Path, resumed_step: Optional[int]):

@@ -331,7 +331,7 @@ class TrainerConfig:
     accelerator: str = "cpu"  # cpu | gpu | mps | auto
     devices: Any = 1  # devices per node: a number, a list of ids, -1 (all) or auto; DDP when more than 1
     num_nodes: int = 1  # machines; each runs `devices` processes
-    strategy: str = "auto"  # Lightning's names: auto | ddp | fsdp | deepspeed | ...
+    strategy: str = "auto"  # auto | ddp | fsdp (FSDP2: weights sharded, docs/gpu.md) | Lightning's other names
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true | 64-true ...; bf16 is slow on most CPUs
     max_steps: int = 250  # optimizer steps
     val_check_interval: int = 50  # validate every N training batches

@@ -91,11 +91,13 @@ def train_in_process(overrides: list[str], run_dir: Path) -> dict:
     return train(compose_run_config(overrides, run_dir=str(run_dir)))
 
 
-def start_train_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    """train.py in the background (for sending it signals); its stderr is captured."""
+def start_train_cli(args: list[str], cwd: Path, env: dict | None = None, new_session: bool = False) -> subprocess.Popen:
+    """train.py in the background (for sending it signals); its stderr is captured. ``new_session``: it and the
+    processes it starts are a process group of their own (``os.killpg(process.pid, ...)`` reaches them all)."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, start_new_session=new_session,
     )
 
 

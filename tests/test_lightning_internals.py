@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from moe_gpt.training.lightning_internals import (
@@ -18,9 +19,11 @@ from moe_gpt.training.lightning_internals import (
     drop_wandb_anonymous_setting,
     launches_by_rerunning_command,
     set_rng_states,
+    shard_over_every_process,
     validation_follows,
 )
 from moe_gpt.training.run_folder import settle_rank_before_trainer
+from moe_gpt.training.sharding import FSDP2Strategy
 
 
 @pytest.mark.parametrize("package", sorted(WRITTEN_FOR))
@@ -53,6 +56,16 @@ def test_the_subprocess_launcher_is_told_apart_from_spawn_and_single_process():
     assert launches_by_rerunning_command(trainer(devices=2, strategy="ddp"))
     assert not launches_by_rerunning_command(trainer(devices=2, strategy="ddp_spawn"))
     assert not launches_by_rerunning_command(trainer(devices=1))
+
+
+def test_every_process_of_every_node_goes_into_the_one_sharding_group():
+    assert ModelParallelStrategy(data_parallel_size=5)._data_parallel_size == 5, (
+        f"lightning {WRITTEN_FOR['lightning']}: ModelParallelStrategy keeps its data-parallel size elsewhere"
+    )
+    strategy = FSDP2Strategy()
+    L.Trainer(accelerator="cpu", devices=3, num_nodes=2, strategy=strategy, logger=False, enable_progress_bar=False)
+    shard_over_every_process(strategy)
+    assert strategy._data_parallel_size == 6
 
 
 class ValidationWatch(L.Callback):

@@ -5,8 +5,8 @@
   (b) GPT-2 small dense and MoE 8x2 (experts matched on active parameters, as compare.py matches
       them), bf16-mixed, compiled, at the GPU preset's batch (experiment=dense_vs_moe_gpu on the
       stdlib corpus): tokens/s, MFU and step time over the steps after the warm-up, peak memory;
-  (c) the MoE model under trainer.strategy=fsdp (FSDP2) for a few steps, uncompiled, or "not
-      available in this version" where that strategy is not FSDP2 or is refused;
+  (c) the MoE model under trainer.strategy=fsdp (FSDP2) in one process for a few steps, uncompiled,
+      or "not available in this version" where that strategy is not FSDP2 or is refused;
   (d) for every model trained, the loss falls: the mean of its last few steps' losses below the first few's.
 Goals, one H100 in bf16: dense at least 45% MFU, the MoE step at most 1.2x the dense step (printed
 met / missed; they do not change the exit status). Every model trains through train.py's own path
@@ -100,7 +100,8 @@ class NotFSDP2(ConfigError):
 
 
 class RequireFSDP2(L.Callback):
-    """Stops a run before its first step unless its strategy is FSDP2 (today's fsdp is Lightning's FSDP1)."""
+    """Stops a run before its first step unless its strategy is FSDP2 (Lightning's ModelParallelStrategy, which
+    trainer.strategy=fsdp builds: moe_gpt/training/sharding.py)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(trainer.strategy, ModelParallelStrategy):

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 WRITTEN_FOR = {"lightning": "2.6.6", "wandb": "0.31.0"}
@@ -35,6 +36,16 @@ def launches_by_rerunning_command(trainer: L.Trainer) -> bool:
     """
     launcher = trainer.strategy.launcher
     return isinstance(launcher, _SubprocessScriptLauncher) and not launcher.cluster_environment.creates_processes_externally
+
+
+def shard_over_every_process(strategy: ModelParallelStrategy) -> None:
+    """Put every process in ModelParallelStrategy's one data-parallel group (FSDP2 only, no tensor parallelism).
+
+    The strategy takes its group sizes when built, before Lightning resolves ``trainer.devices`` (auto,
+    -1, a list of ids) into processes, and its "auto" means one group per node (tensor parallelism
+    within a node). Called once the processes are known (``setup_environment``), through its private size.
+    """
+    strategy._data_parallel_size = strategy.num_nodes * strategy.num_processes
 
 
 def validation_follows(trainer: L.Trainer) -> bool:

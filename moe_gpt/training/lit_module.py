@@ -16,6 +16,7 @@ from moe_gpt.config import GPTConfig, OptimConfig
 from moe_gpt.model.lm_loss import IGNORE_INDEX
 from moe_gpt.model.gpt import GPT
 from moe_gpt.errors import Diverged
+from moe_gpt.training.sharding import FSDP2Strategy, shard_gpt
 
 
 
@@ -39,6 +40,11 @@ class GPTLightningModule(L.LightningModule):
     def forward(self, idx: Tensor) -> Tensor:
         """Logits for token ids (B, T); training and validation steps call the GPT directly."""
         return self.model(idx).logits
+
+    def configure_model(self) -> None:
+        """trainer.strategy=fsdp: shard the GPT over the processes (FSDP2); every other strategy keeps it whole."""
+        if isinstance(self.trainer.strategy, FSDP2Strategy):
+            shard_gpt(self.model, self.device_mesh["data_parallel"], self.trainer.precision)
 
     def on_train_start(self) -> None:
         self._apply_optim_config()

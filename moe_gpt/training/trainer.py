@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from moe_gpt.config import ConfigError, RunConfig, TrainerConfig, check_cpu_devices
 from moe_gpt.training.atomic_write import AtomicCheckpointIO
 from moe_gpt.training.lightning_internals import launches_by_rerunning_command
+from moe_gpt.training.sharding import check_fsdp_settings, strategy_for
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,10 @@ def check_trainer_settings(cfg: RunConfig) -> None:
 
 def _trainer(cfg: RunConfig, **attached) -> L.Trainer:
     check_accelerator_available(cfg.trainer)
+    check_fsdp_settings(cfg.trainer)
     try:
         return L.Trainer(
-            **asdict(cfg.trainer),
+            **{**asdict(cfg.trainer), "strategy": strategy_for(cfg.trainer)},  # fsdp: FSDP2, sharding.py
             max_epochs=-1,  # training length is max_steps; epochs just repeat the data
             check_val_every_n_epoch=None,  # validate every val_check_interval batches, across epochs
             use_distributed_sampler=False,  # TokenDataModule shards the data itself, resumably

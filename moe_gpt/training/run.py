@@ -101,11 +101,12 @@ def _train_in_claimed_dir(
     if cfg.compile:
         module.model.compile()  # in place: the checkpoint keeps the plain model's keys
     model_kind = "moe" if cfg.model.use_moe else "dense"
-    wandb_id = continued_wandb_id(resume, run_dir)
+    continues_this_folder = resume is not None and is_inside(resume.path, run_dir)
+    wandb_id = continued_wandb_id(resume if continues_this_folder else None)
     config_to_log = record.resolved_config or asdict(cfg)
     resumed_step = resume.step if resume is not None else None
     loggers = build_loggers(cfg.logger, run_dir, f"{model_kind}-{run_dir.name}", config_to_log, wandb_id, resumed_step)
-    best = BestCheckpoint(run_dir, continues_this_folder=resume is not None and is_inside(resume.path, run_dir))
+    best = BestCheckpoint(run_dir, continues_this_folder)
     run_record = {"overrides": record.overrides, "config": asdict(cfg), "wandb_id": wandb_id}
     clock = TrainingClock()
     history = LossHistory(clock)
@@ -185,10 +186,10 @@ def warn_if_world_size_changed(resume: Optional[Resume], trainer: L.Trainer) -> 
         )
 
 
-def continued_wandb_id(resume: Optional[Resume], run_dir: Path) -> str:
-    """The W&B run id: the resumed run's when its checkpoint is from this folder (one W&B run per folder)."""
-    if resume is not None and resume.path.resolve().parent.parent == run_dir.resolve():
-        saved = resume.record.get("wandb_id")
+def continued_wandb_id(resume_of_this_folder: Optional[Resume]) -> str:
+    """The W&B run id: the resumed run's when it continues this folder's run (one W&B run per folder)."""
+    if resume_of_this_folder is not None:
+        saved = resume_of_this_folder.record.get("wandb_id")
         if saved:
             return saved
     return secrets.token_hex(4)  # W&B's own ids are 8 characters too

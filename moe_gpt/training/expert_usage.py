@@ -78,6 +78,7 @@ class ExpertUsageLogger(L.Callback):
         if not layers or step % self.every_n_steps != 0 or step == self._last_logged_step:
             return
         self._last_logged_step = step
+        pl_module.stop_if_diverged()  # a non-finite step's routing (NaN entropy) is never logged
         # Summed over every process: each rank only counts the tokens of its own batches.
         counters = trainer.strategy.reduce(torch.stack([usage_counters(layer) for layer in layers]), reduce_op="sum")
         stats = [stats_from_counters(row) for row in counters]

@@ -4,12 +4,16 @@ run never writes into a folder that is not its own."""
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
+import lightning as L
 import pytest
 import torch
 
+from moe_gpt.compose import compose_run_config
 from moe_gpt.errors import Diverged
 from moe_gpt.training.resume import RUN_RECORD
+from moe_gpt.training.run import RunRecord, train
 from moe_gpt.training.run_folder import write_json
 from tests.helpers import (
     TINY,
@@ -164,6 +168,67 @@ def test_a_non_finite_loss_stops_before_the_optimizer_step(tmp_path, corpus_over
         train_in_process(TINY + corpus_overrides + ["optim.lr=1e30", "logger=csv", "trainer.max_steps=20"], tmp_path)
     logged = csv_column(tmp_path, "train/loss")
     assert all(math.isfinite(loss) for _, loss in logged) and len(logged) == stopped.value.step - 1
+
+
+class NaNAtStep(L.Callback):
+    """Makes every loss of optimizer step ``bad`` NaN (the last layer norm outputs NaN), and keeps the weights,
+    buffers and AdamW state as they were before that step and as they are when the run stops."""
+
+    def __init__(self, bad: int):
+        self.bad = bad
+        self.before: dict[str, torch.Tensor] = {}
+        self.at_stop: dict[str, torch.Tensor] = {}
+        self.steps_done_at_stop: Optional[int] = None
+        self._hook = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.bad and self._hook is None:
+            self._hook = pl_module.model.transformer.ln_f.register_forward_hook(lambda m, i, out: out * math.nan)
+        elif trainer.global_step + 1 > self.bad and self._hook is not None:
+            self._hook.remove()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.bad - 1:
+            self.before = training_state(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.at_stop, self.steps_done_at_stop = training_state(trainer, pl_module), trainer.global_step
+
+
+def training_state(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+    state = {f"model.{key}": value.detach().clone() for key, value in pl_module.model.state_dict().items()}
+    optimizer = trainer.optimizers[0]
+    for index, parameter in enumerate(pl_module.model.parameters()):
+        state.update({f"adamw.{index}.{key}": value.clone() for key, value in optimizer.state[parameter].items()})
+    return state
+
+
+@pytest.mark.parametrize(
+    "when,checked_in",
+    [(["checkpoint.every_n_steps=100"], "training_step"), (["checkpoint.every_n_steps=3"], "on_save_checkpoint")],
+    ids=["at-the-next-logging-step", "at-a-checkpoint-before-it"],
+)
+def test_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run_before_anything_sees_it(
+    tmp_path, corpus_overrides, when, checked_in
+):
+    # Everything logged every 4 steps, the loss NaN at step 2: steps 2 and 3 run without a look at it on the host
+    # and change nothing (aux_free: the selection biases neither); step 4 looks and stops before its update, or
+    # the checkpoint of step 3 does and is not written.
+    every_4 = ["trainer.log_every_n_steps=4", "logger.expert_stats_every_n_steps=4", "logger.heatmap_every_n_steps=4"]
+    settings = every_4 + ["trainer.max_steps=8", "trainer.val_check_interval=8", "logger=csv"]
+    aux_free = ["model.moe.router=sigmoid", "model.moe.load_balance=aux_free", "model.moe.aux_loss_coef=0"]
+    poison = NaNAtStep(bad=2)
+    cfg = compose_run_config(TINY + corpus_overrides + settings + aux_free + when, run_dir=str(tmp_path))
+    with pytest.raises(Diverged, match=r"training diverged: the loss is nan at step 2; lower optim.lr") as stopped:
+        train(cfg, RunRecord(callbacks=[poison]))
+    assert stopped.value.step == 2 and poison.steps_done_at_stop == 3
+    assert checked_in in [entry.name for entry in stopped.traceback]
+    assert poison.at_stop.keys() == poison.before.keys() and any(key.endswith("exp_avg_sq") for key in poison.before)
+    changed = [key for key in poison.before if not torch.equal(poison.before[key], poison.at_stop[key])]
+    assert not changed, f"changed by the skipped steps: {changed}"
+    logged = csv_column(tmp_path, "train/loss") if (tmp_path / "csv" / "metrics.csv").exists() else []
+    assert all(math.isfinite(loss) for _, loss in logged)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -18,8 +19,10 @@ from moe_gpt.training.lightning_internals import (
     collect_rng_states,
     drop_wandb_anonymous_setting,
     launches_by_rerunning_command,
+    logs_training_metrics_at,
     set_rng_states,
     shard_over_every_process,
+    skip_per_batch_sigterm_broadcast,
     validation_follows,
 )
 from moe_gpt.training.run_folder import settle_rank_before_trainer
@@ -68,6 +71,14 @@ def test_every_process_of_every_node_goes_into_the_one_sharding_group():
     assert strategy._data_parallel_size == 6
 
 
+def quiet_trainer(root, **settings) -> L.Trainer:
+    """A CPU Trainer that runs to max_steps across epochs and writes nothing but what ``settings`` ask for."""
+    return L.Trainer(
+        accelerator="cpu", max_epochs=-1, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root, **settings,
+    )  # fmt: skip
+
+
 class ValidationWatch(L.Callback):
     """Compares, batch by batch, what validation_follows predicts with what Lightning then does."""
 
@@ -87,25 +98,78 @@ class ValidationWatch(L.Callback):
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_validation_follows_predicts_lightnings_own_validation_schedule(tmp_path, accumulate):
     watch = ValidationWatch()
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         max_steps=7,
-        max_epochs=-1,
         val_check_interval=3,
         check_val_every_n_epoch=None,
         limit_val_batches=1,
         accumulate_grad_batches=accumulate,
         num_sanity_val_steps=0,
         logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[watch],
-        default_root_dir=tmp_path,
     )
     trainer.fit(BoringModel())  # 64 batches an epoch: the run crosses no epoch boundary
     assert sum(watch.validated) >= 2
     assert watch.predicted == watch.validated, f"lightning {WRITTEN_FOR['lightning']}: the validation rule moved"
+
+
+class StepsLogged(Logger):
+    """The optimizer steps at whose end Lightning wrote training metrics to its loggers."""
+
+    name, version = "steps", 0
+
+    def __init__(self):
+        super().__init__()
+        self.trainer = None
+        self.steps: list[int] = []
+
+    def log_metrics(self, metrics, step=None):
+        if "loss" in metrics:
+            self.steps.append(self.trainer.global_step)
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class LoggingModel(BoringModel):
+    def training_step(self, batch, batch_idx):
+        output = super().training_step(batch, batch_idx)
+        self.log("loss", output["loss"])
+        return output
+
+
+class LoggingWatch(L.Callback):
+    def __init__(self):
+        self.predicted: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if logs_training_metrics_at(trainer, step) and step not in self.predicted:
+            self.predicted.append(step)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_logs_training_metrics_at_predicts_lightnings_own_logging_steps(tmp_path, accumulate):
+    logger, watch = StepsLogged(), LoggingWatch()
+    trainer = quiet_trainer(
+        tmp_path, max_steps=10, log_every_n_steps=3, limit_val_batches=0, accumulate_grad_batches=accumulate,
+        logger=logger, callbacks=[watch],
+    )  # fmt: skip
+    logger.trainer = trainer
+    trainer.fit(LoggingModel())
+    assert logger.steps == [3, 6, 9]
+    assert watch.predicted == logger.steps, f"lightning {WRITTEN_FOR['lightning']}: the logging rule moved"
+
+
+def test_the_per_batch_sigterm_broadcast_is_a_method_of_the_epoch_loop_and_switches_off():
+    assert callable(getattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor", None)), (
+        f"lightning {WRITTEN_FOR['lightning']} broadcast the SIGTERM flag before every batch from "
+        "_TrainingEpochLoop._broadcast_sigterm_tensor; see skip_per_batch_sigterm_broadcast"
+    )
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    skip_per_batch_sigterm_broadcast(trainer)
+    assert trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor() is None
 
 
 def test_the_anonymous_setting_lightning_passes_to_wandb_is_dropped(tmp_path):

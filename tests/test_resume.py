@@ -397,3 +397,21 @@ def test_a_requeue_handler_installed_before_training_is_called_after_the_step_is
     assert marker.read_text() == "requeue"
     step = last_checkpoint(run_dir)["global_step"]
     assert json.loads((run_dir / "failure.json").read_text())["step"] == step < 10
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_of_two_processes_stops_both_after_the_same_logging_step(corpus_overrides, tmp_path):
+    # The processes agree on stopping only at logging steps (every 4 here): no collective at the steps between.
+    run_dir = tmp_path / "run"
+    two = ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=2"]
+    long = ["trainer.max_steps=400", "trainer.val_check_interval=400", "trainer.log_every_n_steps=4", "logger=csv"]
+    args = TINY + corpus_overrides + two + long + ["checkpoint.every_n_steps=3", f"hydra.run.dir={run_dir}"]
+    process = start_train_cli(args, cwd=tmp_path)
+    wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signal.SIGTERM)  # the first process only: Lightning started the second one itself
+    _, stderr = process.communicate(timeout=300)
+
+    assert process.returncode == 143, stderr[-2000:]
+    step = last_checkpoint(run_dir)["global_step"]
+    assert 0 < step < 400 and step % 4 == 0
+    assert json.loads((run_dir / "failure.json").read_text())["step"] == step

@@ -18,6 +18,8 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.trainer.states import TrainerFn
 
+from moe_gpt.training.lightning_internals import logs_training_metrics_at
+
 # Lightning precision setting -> the dtype its matmuls run in, for Lightning's peak-FLOPs table.
 MATMUL_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "bf16": torch.bfloat16,
                  "16-mixed": torch.float16, "16-true": torch.float16, "16": torch.float16}  # fmt: skip
@@ -36,6 +38,7 @@ class TrainingClock(Timer):
         self._validating = False  # a validation inside fit is running now
         self._tokens_at_start = 0
         self._peak_flops: Optional[float] = None  # all processes together; None where unknown (CPUs)
+        self._logged_step = -1
 
     @property
     def session_seconds(self) -> float:
@@ -67,7 +70,12 @@ class TrainingClock(Timer):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        pl_module.log("train/tokens_per_sec", self.tokens_per_sec(pl_module), prog_bar=True)
+        # Only where Lightning logs: a value logged goes to the device and is read back (not prog_bar: Lightning
+        # would read it again after every batch; console.py shows it).
+        if trainer.global_step == self._logged_step or not logs_training_metrics_at(trainer, trainer.global_step):
+            return
+        self._logged_step = trainer.global_step  # once, not again for the first batches of an accumulated next step
+        pl_module.log("train/tokens_per_sec", self.tokens_per_sec(pl_module))
         mfu = self.mfu(pl_module)
         if mfu is not None:
             pl_module.log("train/mfu", mfu)

@@ -9,6 +9,8 @@ from lightning.pytorch.callbacks.progress.rich_progress import BatchesProcessedC
 from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
+from moe_gpt.training.lightning_internals import logs_training_metrics_at
+
 # Lightning's info lines that advertise other products; nothing in them is about this run.
 _ADVERT_PREFIX = "💡 Tip:"
 
@@ -70,7 +72,8 @@ class StepProgressBar(RichProgressBar):
     """Lightning's rich bar in 80 columns: ``train ━━━━━━━━━━━━ 120/250 eta 0:01:05 loss: 3.812 tok/s: 2,216 val: 3.922``.
 
     Only the step, the time left, the training loss, tokens/s and the last validation loss are shown
-    (no ``v_num``, no epoch: runs end at ``max_steps``); everything else goes to the loggers.
+    (no ``v_num``, no epoch: runs end at ``max_steps``); everything else goes to the loggers. The loss and
+    tokens/s are those of the last logging step (every ``trainer.log_every_n_steps``).
     """
 
     SHOWN = {
@@ -78,10 +81,26 @@ class StepProgressBar(RichProgressBar):
         "train/tokens_per_sec": ("tok/s", "{:,.0f}"),
         "val/loss": ("val", "{:.3f}"),
     }
+    # Logged at logging steps only and not as progress-bar values, which Lightning reads after every batch:
+    # read here once per logging step.
+    TRAINING = ("train/loss", "train/tokens_per_sec")
     BAR_WIDTH = 12
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._training: dict[str, float] = {}
+        self._read_at_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step != self._read_at_step and logs_training_metrics_at(trainer, step):
+            self._read_at_step = step
+            logged = trainer.callback_metrics
+            self._training = {key: float(logged[key]) for key in self.TRAINING if key in logged}
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def get_metrics(self, trainer, pl_module) -> dict[str, str]:
-        metrics = super().get_metrics(trainer, pl_module)
+        metrics = {**self._training, **super().get_metrics(trainer, pl_module)}
         return {label: fmt.format(float(metrics[key])) for key, (label, fmt) in self.SHOWN.items() if key in metrics}
 
     def configure_columns(self, trainer) -> list:

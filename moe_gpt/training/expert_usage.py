@@ -124,6 +124,7 @@ class ExpertUsageLogger(L.Callback):
         if not layers or step % self.every_n_steps != 0 or step == self._last_logged_step:
             return
         self._last_logged_step = step
+        trainer.lightning_module.stop_if_diverged()  # a non-finite step's routing (NaN entropy) is never logged
         counters = self._summed_counters()
         stats = [stats_from_counters(row) for row in counters]
         for layer, layer_stats in zip(layers, stats):

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from moe_gpt.training.clock import TrainingClock
+from moe_gpt.training.lightning_internals import logs_training_metrics_at
 
 
 class LossHistory(Callback):
@@ -26,7 +27,7 @@ class LossHistory(Callback):
         """The loss of the step's last batch (averaged over processes), every log interval."""
         step = trainer.global_step
         recorded = self.train[-1]["step"] if self.train else -1
-        if step == recorded or step % trainer.log_every_n_steps != 0:
+        if step == recorded or not logs_training_metrics_at(trainer, step):
             return
         loss = outputs["loss"].detach()
         if trainer.world_size > 1:

@@ -57,6 +57,25 @@ def validation_follows(trainer: L.Trainer) -> bool:
     return (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % trainer.val_check_batch == 0
 
 
+def logs_training_metrics_at(trainer: L.Trainer, step: int) -> bool:
+    """Whether Lightning writes the training metrics to the loggers at the end of optimizer step ``step``.
+
+    Its rule (``_LoggerConnector.should_update_logs``, counting steps with its private
+    ``_batches_that_stepped``): every ``log_every_n_steps``-th step. A training step reads values on the
+    host only at these steps (moe_gpt/training/divergence.py). Step 0 is no optimizer step: the first batches of
+    an accumulated first step end with ``global_step`` 0.
+    """
+    return step > 0 and step % trainer.log_every_n_steps == 0
+
+
+def skip_per_batch_sigterm_broadcast(trainer: L.Trainer) -> None:
+    """Lightning 2.6 broadcasts from rank 0, before every training batch of a multi-process run, whether its
+    SIGTERM handler has fired, and reads the result on the host: a collective and a wait for the device at
+    every batch. preemption.py replaces that handler for the whole of training, so the flag never changes:
+    the broadcast is switched off for this fit (a method of the private epoch loop; no setting turns it off)."""
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+
+
 def drop_wandb_anonymous_setting(logger: WandbLogger) -> None:
     """Lightning always passes ``anonymous=None`` to ``wandb.init``, and wandb 0.31 warns on every run that
     the setting has no effect. The keyword arguments WandbLogger hands to ``wandb.init`` are private."""

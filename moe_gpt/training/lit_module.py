@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
+import torch.distributed
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -16,8 +18,9 @@ from moe_gpt.config import GPTConfig, OptimConfig
 from moe_gpt.model.lm_loss import IGNORE_INDEX
 from moe_gpt.model.gpt import GPT
 from moe_gpt.errors import Diverged
+from moe_gpt.training.divergence import NonFiniteWatch
+from moe_gpt.training.lightning_internals import logs_training_metrics_at
 from moe_gpt.training.sharding import FSDP2Strategy, shard_gpt
-
 
 
 class GPTLightningModule(L.LightningModule):
@@ -33,6 +36,7 @@ class GPTLightningModule(L.LightningModule):
         self.val_loss = MeanMetric()
         # Training tokens, all processes together: saved in and restored from checkpoints.
         self.tokens_seen = 0
+        self.non_finite = NonFiniteWatch()  # divergence, noted on the device (divergence.py)
         self.train_flops_per_token = flops_per_token(model_config)["train_flops_per_token"]
         # One sequence through forward() lets Lightning's model summary report FLOPs and sizes.
         self.example_input_array = torch.zeros(1, model_config.block_size, dtype=torch.long)
@@ -52,15 +56,24 @@ class GPTLightningModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         out = self.model(x, y)
-        self._stop_if_diverged(out.loss)
+        step = self.trainer.global_step + 1  # the optimizer step this batch is part of
+        self.non_finite.observe_loss(out.loss, step)
         # Counted here, not at batch end: callbacks that checkpoint at batch end run before the module's hook.
         self.tokens_seen += x.numel() * self.trainer.world_size  # every process trained on a batch this size
-        # Averaged over the processes (each saw as many tokens): the loss of the whole step's batch.
-        self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
+        # Only the steps Lightning logs read values on the host (and, with several processes, reduce them):
+        # logged at every step, each value would make the host wait for the device.
+        if logs_training_metrics_at(self.trainer, step):
+            self.stop_if_diverged()  # before a non-finite value is logged, and before this step's update
+            self._log_losses(out)
+            self._log_epochs()
+        return out.loss
+
+    def _log_losses(self, out) -> None:
+        # Averaged over the processes (each saw as many tokens): the loss of the whole step's batch. Not
+        # prog_bar: Lightning would read a progress-bar value on the host after every batch (console.py shows it).
+        self.log("train/loss", out.loss, sync_dist=True)
         losses = {"train/lm_loss": out.lm_loss, "train/aux_loss": out.aux_loss, "train/z_loss": out.z_loss}
         self.log_dict(losses, sync_dist=True)
-        self._log_epochs()
-        return out.loss
 
     def _log_epochs(self) -> None:
         """Passes over the training split so far, as a fraction (0.03 after a few steps); the loggers
@@ -69,31 +82,61 @@ class GPTLightningModule(L.LightningModule):
         if datamodule is not None and datamodule.train_tokens:
             self.log("train/epochs", self.tokens_seen / datamodule.train_tokens)
 
-    def _stop_if_diverged(self, loss: Tensor) -> None:
-        """Raise before the optimizer step, so a non-finite loss never reaches the weights."""
-        finite = bool(torch.isfinite(loss))
-        # Every process must stop together, or the others would wait forever for its gradients.
-        if self.trainer.world_size > 1:
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            step = self.trainer.global_step + 1
-            raise Diverged(
-                f"training diverged: the loss is {loss.item()} at step {step}; lower optim.lr (now {self.optim_config.lr}) "
-                "or raise optim.warmup_steps; the checkpoints keep the last finite weights",
-                step,
-            )
+    def stop_if_diverged(self) -> None:
+        """Raise ``Diverged`` if a step of this session went non-finite (reads the host; with several processes, a
+        collective that all of them reach at the same point). Its update and every later one were skipped."""
+        self.non_finite.raise_if_seen(
+            self.trainer,
+            f"lower optim.lr (now {self.optim_config.lr}) or raise optim.warmup_steps; the checkpoints keep the last "
+            "finite weights",
+        )
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """aux_free balancing: every MoE layer moves its selection bias by this step's load.
+        """Once per optimizer step, after all accumulated batches: skip the update on the device from the first
+        non-finite step on (divergence.py), and move aux_free's selection biases."""
+        skip = self._skip_on_device(optimizer)
+        self._update_selection_biases(keep=1.0 - skip)
 
-        Once per optimizer step (after all accumulated batches), with the load summed over
-        processes so every process applies the same update.
+    def _skip_on_device(self, optimizer) -> Tensor:
+        # Under fp16's gradient scaler, overflowing gradients are routine: it skips those steps itself (setting
+        # found_inf in place of this one), and only a non-finite loss is divergence.
+        if self._gradient_scaler() is None:
+            gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self.non_finite.observe_gradients(gradients, self.trainer.global_step + 1)
+        optimizer.found_inf = self.non_finite.skip_updates(self.device)  # read by fused AdamW, on the device
+        return optimizer.found_inf
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip the global gradient norm to ``trainer.gradient_clip_val`` (0: no clipping).
+
+        Lightning's mixed-precision plugin refuses to clip for a fused optimizer (it takes fused to mean that a
+        gradient scaler unscales inside the step), so under it the norm is clipped here, as Lightning's other
+        plugins do it; under fp16's scaler the gradients are unscaled first, and the scaler's step then leaves them.
         """
+        if not isinstance(self.trainer.precision_plugin, MixedPrecision):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not gradient_clip_val:
+            return
+        scaler = self._gradient_scaler()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
+
+    def _gradient_scaler(self) -> Optional[torch.amp.GradScaler]:
+        """fp16's gradient scaler (``16-mixed`` on a GPU), else None."""
+        plugin = self.trainer.precision_plugin
+        return plugin.scaler if isinstance(plugin, MixedPrecision) else None
+
+    def _update_selection_biases(self, keep: Tensor) -> None:
+        """aux_free balancing: every MoE layer moves its selection bias by this step's load, summed over processes
+        so every process applies the same update (a skipped step's load counts as none: no move)."""
         layers = [layer for layer in self.model.moe_layers() if layer.router.selection_bias is not None]
         if not layers:
             return
-        loads = torch.stack([layer.load_since_bias_update for layer in layers])
-        loads = self.trainer.strategy.reduce(loads, reduce_op="sum") if self.trainer.world_size > 1 else loads
+        loads = torch.stack([layer.load_since_bias_update for layer in layers]) * keep
+        if self.trainer.world_size > 1:
+            # torch's all-reduce, queued on the device; Lightning's strategy.reduce adds a barrier, which blocks the host.
+            torch.distributed.all_reduce(loads)
         for layer, load in zip(layers, loads):
             layer.update_selection_bias(load)
 
@@ -109,7 +152,11 @@ class GPTLightningModule(L.LightningModule):
         self.log_dict({"val/loss": val_loss, "val/ppl": torch.exp(val_loss)}, prog_bar=True, sync_dist=True)
         self._log_epochs()
 
+    def on_train_end(self) -> None:
+        self.stop_if_diverged()  # a bad step after the last logging step is not left unreported
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.stop_if_diverged()  # a checkpoint holds no weights trained past a non-finite step
         _refuse_non_finite_weights(checkpoint["state_dict"], self.trainer.global_step)
         checkpoint["progress"] = {"tokens_seen": self.tokens_seen}
 
@@ -124,9 +171,9 @@ class GPTLightningModule(L.LightningModule):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(
-            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=self.device.type == "cuda"
-        )
+        # Fused on every device: one kernel for all parameters, its step count on the device, and an update
+        # skipped there when found_inf is set (divergence.py).
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -9,6 +9,11 @@ SIGUSR1 and SIGUSR2 are the signals SLURM sends ahead of a time limit (Lightning
 submitit for USR2). During training they stop the run the same way, and then whatever handled the
 signal before training (submitit's requeue) is called, or the job is requeued with ``scontrol
 requeue``; the requeued job resumes from ``last.ckpt`` (``SLURM_RESTART_COUNT``, see training/resume.py).
+
+With several processes a signal may reach only some of them, and all must stop after the same step: they
+agree with a collective, which makes every process wait for the others and for its device. So they agree
+only at the steps that log training metrics (every ``trainer.log_every_n_steps``) and at the last step: a
+multi-process run stops up to ``log_every_n_steps - 1`` steps later than one process would.
 """
 
 from __future__ import annotations
@@ -25,7 +30,11 @@ from typing import Any, Optional
 import lightning as L
 
 from moe_gpt.training.checkpoint_callbacks import save_checkpoint_and_logs
-from moe_gpt.training.lightning_internals import validation_follows
+from moe_gpt.training.lightning_internals import (
+    logs_training_metrics_at,
+    skip_per_batch_sigterm_broadcast,
+    validation_follows,
+)
 from moe_gpt.errors import Interrupted
 
 log = logging.getLogger(__name__)
@@ -66,6 +75,7 @@ class StopAtStepEnd(L.Callback):
         self._steps_seen = trainer.global_step
         for signum in STOP_SIGNALS + REQUEUE_SIGNALS:
             self._handlers_before[signum] = signal.signal(signum, self._record)
+        skip_per_batch_sigterm_broadcast(trainer)  # it broadcasts what the handler replaced here would have noted
 
     def _record(self, signum: int, frame: Any) -> None:
         if self.received is None:
@@ -78,6 +88,8 @@ class StopAtStepEnd(L.Callback):
         self._steps_seen = trainer.global_step
         stop = self.received is not None
         if trainer.world_size > 1:  # a signal may reach one process only; all stop at the same step
+            if not self._agreeing_at(trainer, trainer.global_step):
+                return
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return
@@ -86,6 +98,10 @@ class StopAtStepEnd(L.Callback):
         else:
             self._save(trainer)
             self._stop_before_next_batch = True  # once Lightning has logged this step's metrics
+
+    @staticmethod
+    def _agreeing_at(trainer: L.Trainer, step: int) -> bool:
+        return logs_training_metrics_at(trainer, step) or step >= trainer.max_steps
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._stop_after_validation and not trainer.sanity_checking:

@@ -265,3 +265,75 @@ def test_an_unknown_task_is_one_line(tiny_checkpoint, tmp_path):
     result = script_main("evaluate", ["--checkpoint", str(tiny_checkpoint), "--tasks", "no_such_task", "--out", str(tmp_path)])
     assert result.returncode == 2
     assert "no_such_task" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ---- scripts/compare.py --eval-tasks
+
+
+def test_a_verdict_on_a_score_where_higher_is_better_names_the_higher_variant():
+    from moe_gpt.compare.verdict import paired_difference, verdict
+
+    difference = paired_difference([0.61, 0.62, 0.64], [0.50, 0.52, 0.51])  # candidate's accuracy is higher
+    sentence = verdict("moe-8-2", "dense", difference, metric="arc_easy acc", higher_is_better=True)
+    assert sentence.startswith("moe-8-2 beats dense: arc_easy acc higher by 0.1133 (95% CI")
+    assert verdict("moe-8-2", "dense", difference).startswith("dense beats moe-8-2: val loss lower by 0.1133")
+
+
+def test_the_comparison_report_gives_each_variants_scores_over_seeds_with_verdicts():
+    from moe_gpt.compare.downstream import report_fields
+    from moe_gpt.compare.report import downstream_section
+
+    def row(variant, seed, acc, ppl):
+        scores = [
+            {"task": "t", "metric": "acc", "value": acc, "stderr": 0.1, "higher_is_better": True},
+            {"task": "t", "metric": "perplexity", "value": ppl, "stderr": None, "higher_is_better": False},
+        ]
+        return {"variant": variant, "seed": seed, "status": "ok", **report_fields(scores)}
+
+    rows = [row("dense", seed, 0.50 + seed / 100, 30.0 + seed) for seed in (1, 2, 3)]
+    rows += [row("moe-4-2", seed, 0.60 + seed / 100, 30.0 + seed + (0.5 if seed == 2 else -0.5)) for seed in (1, 2, 3)]
+    rows.append({"variant": "moe-4-2", "seed": 4, "status": "failed", "reason": "diverged"})
+
+    section = downstream_section(rows)
+
+    assert "| variant | t acc (mean ± std) | t perplexity (mean ± std) |" in section
+    assert "| dense | 0.5200 ± 0.0100 | 32.0000 ± 1.0000 |" in section
+    assert "- moe-4-2 beats dense: lm-eval t acc higher by 0.1000 (95% CI" in section
+    assert "- no difference shown between moe-4-2 and dense: lm-eval t perplexity -0.1667" in section
+    assert downstream_section([{"variant": "dense", "seed": 1, "status": "ok"}]) == ""
+
+
+def test_bad_eval_arguments_of_a_comparison_are_one_line_before_anything_trains(tmp_path):
+    from tests.helpers import run_main
+    from moe_gpt.cli.compare import main as compare_main
+
+    result = run_main(compare_main, ["--out", str(tmp_path / "report"), "--eval-tasks", TASK, "--eval-limit", "0"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --eval-limit 0 must be >= 1 (leave it out to evaluate every document)"
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.slow  # trains 4 runs
+def test_a_comparison_scores_every_best_checkpoint_and_a_rerun_reads_the_scores_back(tmp_path, corpus_overrides):
+    from tests.helpers import run_main
+    from moe_gpt.cli.compare import main as compare_main
+
+    out = tmp_path / "report"
+    args = ["--out", str(out), "--variants", "dense,moe:4:2", "--seeds", "2", "--eval-tasks", TASK]
+    args += ["--eval-include-path", str(TASKS), *TINY, *corpus_overrides, "logger=none"]
+    result = run_main(compare_main, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = (out / "report.md").read_text()
+    assert f"| variant | {TASK} acc (mean ± std) | {TASK} acc_norm (mean ± std) |" in report
+    assert f"lm-eval {TASK} acc" in report and "2 seeds" in report
+    scored = sorted(out.glob("tokens/*/seed-*/lm_eval/results.json"))
+    assert len(scored) == 4
+    accuracy = {path: json.loads(path.read_text())["results"][TASK]["acc,none"] for path in scored}
+    stamps = {path: path.stat().st_mtime_ns for path in scored}
+
+    again = run_main(compare_main, args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {path: path.stat().st_mtime_ns for path in scored} == stamps  # read back, not evaluated again
+    assert (out / "report.md").read_text() == report
+    assert all(0 <= value <= 1 for value in accuracy.values())

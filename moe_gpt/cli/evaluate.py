@@ -15,8 +15,10 @@ from pathlib import Path
 
 from moe_gpt.cli.common import ArgumentParser, entry_point, resolve_device
 from moe_gpt.compare.downstream import (
+    OUT_IN_RUN_FOLDER,
     EvalSettings,
     checkpoint_of,
+    eval_settings,
     evaluate_checkpoint,
     log_to_wandb,
     results_table,
@@ -24,8 +26,6 @@ from moe_gpt.compare.downstream import (
     write_results,
 )
 from moe_gpt.config import ConfigError, project_path
-
-OUT_IN_RUN_FOLDER = "lm_eval"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -46,17 +46,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> EvalSettings:
-    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    if not tasks:
-        raise ConfigError("--tasks is empty; name at least one lm-eval task, e.g. --tasks arc_easy")
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit {args.limit} must be >= 1 (leave it out to evaluate every document)")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ConfigError(f"--num-fewshot {args.num_fewshot} must be >= 0")
-    return EvalSettings(
-        tasks=tasks,
-        limit=args.limit,
-        include_path=args.include_path,
+    return eval_settings(
+        args.tasks,
+        args.limit,
+        args.include_path,
         num_fewshot=args.num_fewshot,
         batch_size=args.batch_size,
         device=str(resolve_device(args.device)),

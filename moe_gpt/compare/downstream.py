@@ -20,11 +20,12 @@ from moe_gpt.data import load_gpt2_tokenizer
 from moe_gpt.data.tokenizer import GPT2_N_VOCAB
 from moe_gpt.reporting import cell, markdown_table
 from moe_gpt.training.resume import RUN_RECORD
-from moe_gpt.training.run_folder import write_json
+from moe_gpt.training.run_folder import read_record, write_json
 from moe_gpt.weights.safe_load import model_from_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
+OUT_IN_RUN_FOLDER = "lm_eval"  # where a run folder's scores go
 RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
 STDERR_SUFFIX = "_stderr"
@@ -39,6 +40,20 @@ class EvalSettings:
     batch_size: int = 8
     device: str = "cpu"
     tokenizer_dir: str = "data/tokenizer"
+
+
+def eval_settings(
+    tasks: str, limit: Optional[int], include_path: Optional[str], flag: str = "--", **rest: Any
+) -> EvalSettings:
+    """EvalSettings from the command line (``tasks`` comma-separated); errors name ``<flag>tasks``, ``<flag>limit``."""
+    names = [task.strip() for task in tasks.split(",") if task.strip()]
+    if not names:
+        raise ConfigError(f"{flag}tasks is empty; name at least one lm-eval task, e.g. {flag}tasks arc_easy")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"{flag}limit {limit} must be >= 1 (leave it out to evaluate every document)")
+    if include_path is not None and not Path(include_path).expanduser().is_dir():
+        raise ConfigError(f"{flag}include-path {include_path} is not a folder; pass the folder that holds your task YAML files")
+    return EvalSettings(tasks=names, limit=limit, include_path=include_path, **rest)
 
 
 def checkpoint_of(path: str | Path) -> Path:
@@ -67,8 +82,6 @@ def task_manager(settings: EvalSettings):
 
     if settings.include_path is not None:
         folder = Path(settings.include_path).expanduser()
-        if not folder.is_dir():
-            raise ConfigError(f"--include-path {folder} is not a folder; pass the folder that holds your task YAML files")
         local = TaskManager(include_path=str(folder), include_defaults=False)
         if all(task in local.all_tasks for task in settings.tasks):
             return local
@@ -134,9 +147,11 @@ def one_line_reason(error: BaseException) -> str:
 
 
 def scores(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per task and metric: ``task``, ``metric``, ``value``, ``stderr`` (None where lm-eval has none)."""
+    """One row per task and metric: ``task``, ``metric``, ``value``, ``stderr`` (None where lm-eval has none),
+    ``higher_is_better``."""
     rows = []
     for task, metrics in results["results"].items():
+        directions = results.get("higher_is_better", {}).get(task, {})
         for key, value in metrics.items():
             metric, comma, filter_name = key.partition(",")  # "acc,none": a metric under a filter
             if not comma or metric.endswith(STDERR_SUFFIX) or not isinstance(value, (int, float)):
@@ -147,6 +162,7 @@ def scores(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "metric": metric,
                 "value": float(value),
                 "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                "higher_is_better": bool(directions.get(metric, True)),
             })
     return rows
 
@@ -167,9 +183,7 @@ def write_results(out: Path, results: dict[str, Any], settings: EvalSettings) ->
     out.mkdir(parents=True, exist_ok=True)
     record = {
         "checkpoint": results["checkpoint"],
-        "tasks": settings.tasks,
-        "limit": settings.limit,
-        "num_fewshot": settings.num_fewshot,
+        "settings": settings_record(settings),
         "scores": scores(results),
         "results": results["results"],
         "n-samples": results.get("n-samples"),
@@ -210,3 +224,36 @@ def log_to_wandb(run_dir: Optional[Path], results: dict[str, Any]) -> Optional[s
     finally:
         run.finish()
     return results["wandb_id"]
+
+
+def settings_record(settings: EvalSettings) -> dict[str, Any]:
+    """What decides the scores (not where or how fast they are computed)."""
+    return {
+        "tasks": settings.tasks,
+        "limit": settings.limit,
+        "include_path": settings.include_path,
+        "num_fewshot": settings.num_fewshot,
+    }
+
+
+def cached_scores(run_dir: Path, checkpoint: Path, settings: EvalSettings) -> list[dict[str, Any]]:
+    """``scores`` of ``checkpoint``, evaluated into ``<run_dir>/lm_eval`` (as evaluate.py does), or read from
+    there when that evaluation had the same settings: a re-run comparison evaluates only what is new."""
+    path = run_dir / OUT_IN_RUN_FOLDER / RESULTS_FILE
+    if path.is_file():
+        cached = read_record(path)
+        if cached.get("settings") == settings_record(settings) and cached.get("checkpoint") == str(checkpoint):
+            return cached["scores"]
+    results = evaluate_checkpoint(checkpoint, settings)
+    write_results(run_dir / OUT_IN_RUN_FOLDER, results, settings)
+    log_to_wandb(run_dir, results)
+    return scores(results)
+
+
+def report_fields(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A comparison row's share of the scores: ``downstream`` {"<task> <metric>": value} and, per key,
+    ``downstream_higher_is_better``."""
+    return {
+        "downstream": {f"{row['task']} {row['metric']}": row["value"] for row in rows},
+        "downstream_higher_is_better": {f"{row['task']} {row['metric']}": row["higher_is_better"] for row in rows},
+    }

@@ -193,6 +193,20 @@ def test_generation_is_greedy_decoding_with_the_kv_cache_cut_at_the_stop_string(
     assert MoeGptLM(model, gpt2).generate_until([request]) == [expected]
 
 
+def test_a_task_that_asks_for_sampled_generation_is_refused(tiny_checkpoint, gpt2):
+    from lm_eval.api.instance import Instance
+
+    from moe_gpt.config import ConfigError
+
+    request = Instance(
+        "generate_until", doc={}, arguments=("def ", {"until": ["\n"], "do_sample": True, "temperature": 0.7}), idx=0,
+        metadata=("sampled_task", 0, 1),
+    )
+    with pytest.raises(ConfigError, match="task sampled_task asks for sampled generation"):
+        MoeGptLM(load_model(tiny_checkpoint), gpt2).generate_until([request])
+
+
+@pytest.mark.slow  # trains a run logged to W&B, then starts W&B's service again: about 15 s here
 def test_scores_go_into_the_run_folder_and_its_wandb_run(tmp_path, corpus_overrides):
     run_dir = tmp_path / "run"
     # 3 steps: TINY validates every 3, so the run has a best.ckpt.

@@ -115,7 +115,9 @@ def evaluate_checkpoint(path: str | Path, settings: EvalSettings) -> dict[str, A
             task_manager=manager,
             log_samples=True,
         )
-    except KeyError as error:  # lm-eval's word for a task name it does not know
+    except KeyError as error:
+        if "not a registered task" not in str(error):  # lm-eval's words for a task name it does not know
+            raise
         raise ConfigError(f"--tasks: {error.args[0] if error.args else error}; see `lm-eval ls tasks` or --include-path") from None
     except Exception as error:
         raise offline_hint(error, settings) or error

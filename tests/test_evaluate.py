@@ -240,10 +240,8 @@ def write_task(folder: Path, name: str, dataset_path: str) -> Path:
 def test_a_task_whose_data_is_on_the_hub_is_one_line_saying_what_to_do_offline(tiny_checkpoint, tmp_path):
     # The same task, its data named as a hub dataset (as arc_easy's is): offline, it cannot be fetched.
     tasks = write_task(tmp_path / "tasks", "hub_choice", "allenai/ai2_arc")
-    result = script_main(
-        "evaluate",
-        ["--checkpoint", str(tiny_checkpoint), "--tasks", "hub_choice", "--include-path", str(tasks), "--out", str(tmp_path / "out")],
-    )
+    args = ["--checkpoint", str(tiny_checkpoint), "--tasks", "hub_choice", "--include-path", str(tasks)]
+    result = script_main("evaluate", [*args, "--out", str(tmp_path / "out")])
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: --tasks hub_choice: a task's data is on the Hugging Face hub")

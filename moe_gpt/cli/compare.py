@@ -139,7 +139,9 @@ def downstream_settings(args: argparse.Namespace, run_config: RunConfig) -> Opti
     if args.eval_tasks is None:
         return None
     tokenizer_dir = project_path(run_config.data.tokenizer_dir)
-    return eval_settings(args.eval_tasks, args.eval_limit, args.eval_include_path, "--eval-", tokenizer_dir=tokenizer_dir)
+    return eval_settings(
+        args.eval_tasks, args.eval_limit, args.eval_include_path, "--eval-", tokenizer_dir=tokenizer_dir
+    )
 
 
 def train_and_report(

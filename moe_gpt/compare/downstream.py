@@ -10,7 +10,7 @@ saying what to do instead.
 
 from __future__ import annotations
 
-import logging
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -22,8 +22,6 @@ from moe_gpt.reporting import cell, markdown_table
 from moe_gpt.training.resume import RUN_RECORD
 from moe_gpt.training.run_folder import read_record, write_json
 from moe_gpt.weights.safe_load import model_from_checkpoint, read_checkpoint
-
-log = logging.getLogger(__name__)
 
 OUT_IN_RUN_FOLDER = "lm_eval"  # where a run folder's scores go
 RESULTS_FILE = "results.json"
@@ -52,7 +50,9 @@ def eval_settings(
     if limit is not None and limit < 1:
         raise ConfigError(f"{flag}limit {limit} must be >= 1 (leave it out to evaluate every document)")
     if include_path is not None and not Path(include_path).expanduser().is_dir():
-        raise ConfigError(f"{flag}include-path {include_path} is not a folder; pass the folder that holds your task YAML files")
+        raise ConfigError(
+            f"{flag}include-path {include_path} is not a folder; pass the folder that holds your task YAML files"
+        )
     return EvalSettings(tasks=names, limit=limit, include_path=include_path, **rest)
 
 
@@ -63,7 +63,9 @@ def checkpoint_of(path: str | Path) -> Path:
         for name in ("best.ckpt", "last.ckpt"):
             if (path / "checkpoints" / name).is_file():
                 return path / "checkpoints" / name
-        raise ConfigError(f"--checkpoint {path}: a folder without checkpoints/best.ckpt or last.ckpt; pass a run folder or a .ckpt")
+        raise ConfigError(
+            f"--checkpoint {path}: a folder without checkpoints/best.ckpt or last.ckpt; pass a run folder or a .ckpt"
+        )
     return path
 
 
@@ -75,7 +77,7 @@ def run_folder_of(checkpoint: Path) -> Optional[Path]:
 def task_manager(settings: EvalSettings):
     """lm-eval's TaskManager; only the ``--include-path`` folder when it holds every task asked for.
 
-    Indexing lm-eval's own ~15,000 task files takes 10 to 40 s on a 2-core machine, so it is
+    Indexing lm-eval's own ~15,000 task files takes 10 to 50 s on a 2-core machine, so it is
     skipped when no built-in task is needed.
     """
     from lm_eval.tasks import TaskManager
@@ -118,9 +120,13 @@ def evaluate_checkpoint(path: str | Path, settings: EvalSettings) -> dict[str, A
     except KeyError as error:
         if "not a registered task" not in str(error):  # lm-eval's words for a task name it does not know
             raise
-        raise ConfigError(f"--tasks: {error.args[0] if error.args else error}; see `lm-eval ls tasks` or --include-path") from None
+        unknown = error.args[0] if error.args else error
+        raise ConfigError(f"--tasks: {unknown}; see `lm-eval ls tasks` or --include-path") from None
     except Exception as error:
-        raise offline_hint(error, settings) or error
+        hint = offline_hint(error, settings)
+        if hint is None:
+            raise
+        raise hint from None
     results["checkpoint"] = str(checkpoint_path)
     results["wandb_id"] = checkpoint.get(RUN_RECORD, {}).get("wandb_id")
     results["logger"] = checkpoint.get(RUN_RECORD, {}).get("config", {}).get("logger")
@@ -135,12 +141,20 @@ def offline_hint(error: BaseException, settings: EvalSettings) -> Optional[Confi
     return ConfigError(
         f"--tasks {','.join(settings.tasks)}: a task's data is on the Hugging Face hub and cannot be downloaded here "
         f"({one_line_reason(error)}); evaluate it where the hub is reachable, copy its dataset into the HF cache "
-        "and set HF_DATASETS_OFFLINE=1, or write a local task (dataset_path: json, data_files) in a folder passed as --include-path"
+        "and set HF_DATASETS_OFFLINE=1, or write a local task (dataset_path: json, data_files) in a folder passed "
+        "as --include-path"
     )
 
 
 # What datasets and huggingface_hub say when the hub cannot be reached or offline mode is on.
-HUB_MARKERS = ("OfflineModeIsEnabled", "offline mode", "Couldn't reach", "ConnectionError", "LocalEntryNotFound", "HF_HUB_OFFLINE")
+HUB_MARKERS = (
+    "OfflineModeIsEnabled",
+    "offline mode",
+    "Couldn't reach",
+    "ConnectionError",
+    "LocalEntryNotFound",
+    "HF_HUB_OFFLINE",
+)
 
 
 def one_line_reason(error: BaseException) -> str:
@@ -180,8 +194,6 @@ def results_table(results: dict[str, Any]) -> str:
 def write_results(out: Path, results: dict[str, Any], settings: EvalSettings) -> list[Path]:
     """``results.json`` (scores, task configs and versions; no samples), ``results.md``, and each task's
     per-document records as ``samples_<task>.jsonl``."""
-    import json
-
     out.mkdir(parents=True, exist_ok=True)
     record = {
         "checkpoint": results["checkpoint"],
@@ -208,7 +220,8 @@ def log_to_wandb(run_dir: Optional[Path], results: dict[str, Any]) -> Optional[s
     Only when the run logged to W&B and its folder still holds the W&B files; returns the run id.
     """
     logger = results.get("logger") or {}
-    if run_dir is None or logger.get("kind") != "wandb" or not results.get("wandb_id") or not (run_dir / "wandb").is_dir():
+    logged = logger.get("kind") == "wandb" and results.get("wandb_id")
+    if run_dir is None or not logged or not (run_dir / "wandb").is_dir():
         return None
     import wandb
 

@@ -241,7 +241,9 @@ def downstream_section(rows: list[dict]) -> str:
         ok = [row for row in flat if row["variant"] == variant and row["status"] == "ok"]
         body.append([variant, *(mean_and_std(ok, key) for key in higher_is_better)])
     sentences = [
-        sentence for key, up in higher_is_better.items() for sentence in verdict_sentences(flat, key, f"lm-eval {key}", up)
+        sentence
+        for key, up in higher_is_better.items()
+        for sentence in verdict_sentences(flat, key, f"lm-eval {key}", up)
     ]
     verdicts = "\n".join(f"- {sentence}" for sentence in sentences)
     table = markdown_table(["variant", *(f"{key} (mean ± std)" for key in higher_is_better)], body)

@@ -1,14 +1,13 @@
-"""The MoE options in real training runs: the aux-free bias in Lightning, the logged routing state, resume,
-and every option from the CLI on the default corpus."""
+"""The MoE options in real training runs: the aux-free bias in Lightning, the logged routing state, and every
+option from the CLI on the default corpus (an aux_free run's resume: tests/test_resume.py)."""
 
 import json
 import math
-import signal
 
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY, csv_column, run_train_cli, start_train_cli, train_in_process, wait_for_file
+from tests.helpers import REPO, TINY, csv_column, train_in_process, train_main
 
 AUX_FREE = [
     "model.moe.router=sigmoid",
@@ -52,24 +51,6 @@ def test_capacity_and_top_p_log_dropped_fraction_and_experts_per_token(tmp_path,
     assert per_token and all(1 <= value <= 2 for value in per_token)
 
 
-@pytest.mark.slow
-def test_a_sigterm_stopped_aux_free_run_resumes_into_the_same_weights_and_bias(tmp_path, corpus_overrides):
-    overrides = TINY + corpus_overrides + AUX_FREE + ["logger=csv", "checkpoint.every_n_steps=1", "trainer.max_steps=8"]
-    uninterrupted = tmp_path / "uninterrupted"
-    assert run_train_cli(overrides + [f"hydra.run.dir={uninterrupted}"], cwd=tmp_path).returncode == 0
-    run_dir = tmp_path / "stopped"
-    process = start_train_cli(overrides + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=300)
-    assert process.returncode == 143
-    resumed = run_train_cli([f"hydra.run.dir={run_dir}", "resume=last"], cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for expected, actual in zip(selection_biases(uninterrupted), selection_biases(run_dir)):
-        assert torch.equal(expected, actual)
-    assert csv_column(run_dir, "train/loss") == csv_column(uninterrupted, "train/loss")
-
-
 # The routers, group-limited and dynamic routing, the balancing losses, capacity, shared experts,
 # first_k_dense and the reference expert path, from the CLI, on the default corpus (stdlib), in three runs.
 OPTION_RUNS = {
@@ -101,7 +82,7 @@ OPTION_RUNS = {
 @pytest.mark.parametrize("options", OPTION_RUNS.values(), ids=OPTION_RUNS.keys())
 def test_every_moe_option_trains_from_the_cli_on_the_default_corpus(tmp_path, options):
     default_corpus = [f"data.tokenizer_dir={REPO / 'data' / 'tokenizer'}", f"data.cache_dir={REPO / 'data' / 'tokens'}"]
-    result = run_train_cli(TINY + default_corpus + options + ["logger=csv", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    result = train_main(TINY + default_corpus + options + ["logger=csv", f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert math.isfinite(metrics["val_loss"]) and metrics["val_loss"] < 11.0

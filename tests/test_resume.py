@@ -39,9 +39,13 @@ from tests.helpers import (
     wait_for_file,
 )
 
-# Dropout, gradient accumulation, validation every 2 steps and last.ckpt at every step: every
-# piece of state a resume must restore (RNG, data position, optimizer, schedule, loops) matters.
+# Dropout, gradient accumulation, validation every 2 steps, last.ckpt at every step and aux_free's
+# selection biases: every piece of state a resume must restore (RNG, data position, optimizer,
+# schedule, loops, biases) matters.
 RESUMABLE = TINY + [
+    "model.moe.router=sigmoid",
+    "model.moe.load_balance=aux_free",
+    "model.moe.bias_update_rate=0.01",
     "logger=csv",
     "checkpoint.every_n_steps=1",
     "trainer.max_steps=10",
@@ -72,8 +76,8 @@ def last_checkpoint(run_dir: Path) -> dict:
 
 def assert_same_run(expected: Path, actual: Path) -> None:
     weights, resumed = last_checkpoint(expected)["state_dict"], last_checkpoint(actual)["state_dict"]
-    assert weights.keys() == resumed.keys()
-    assert all(torch.equal(weights[key], resumed[key]) for key in weights), "weights differ"
+    assert weights.keys() == resumed.keys() and any(key.endswith("selection_bias") for key in weights)
+    assert all(torch.equal(weights[key], resumed[key]) for key in weights), "weights or selection biases differ"
     for column in ("train/loss", "val/loss", "lr-AdamW"):
         assert csv_column(actual, column) == csv_column(expected, column), column
     metrics, resumed_metrics = (json.loads((d / "metrics.json").read_text()) for d in (expected, actual))

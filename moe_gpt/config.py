@@ -342,6 +342,8 @@ class TrainerConfig:
     deterministic: bool = False  # deterministic torch algorithms only (reproducible, slower)
     num_sanity_val_steps: int = 2  # validation batches run before training to catch a broken val step; 0 skips, -1 all
     enable_model_summary: bool = True  # print the layer table with sizes and FLOPs when training starts
+    # N > 1: each process holds E/N of every MoE layer's experts; tokens travel to them (fsdp only, docs/scaling.md)
+    expert_parallel: int = 1
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -352,6 +354,7 @@ class TrainerConfig:
                 "trainer.accumulate_grad_batches": self.accumulate_grad_batches,
                 "trainer.log_every_n_steps": self.log_every_n_steps,
                 "trainer.num_nodes": self.num_nodes,
+                "trainer.expert_parallel": self.expert_parallel,
             }
         )
         _require(

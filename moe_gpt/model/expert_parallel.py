@@ -1,9 +1,10 @@
 """Expert parallelism: each process of an expert group holds E/N of every MoE layer's experts, and the
 token-slots travel to the process that owns their expert and back (all-to-all).
 
-The group is the "expert" dimension of a 2D device mesh (``expert_replicate`` x ``expert``): the experts'
-weights are DTensors placed ``(Replicate(), Shard(0))`` on it, so checkpoints, clipping and AdamW see the
-whole expert set (moe_gpt/training/sharding.py builds the mesh). Here only the local slice is used.
+The group is the "expert" dimension of the device mesh that every weight is placed on (sharding.py builds
+it): ``expert`` alone when the group is every process, ``expert_replicate`` x ``expert`` when there are
+several groups. The experts' weights are DTensors sharded by expert on it (and replicated over the groups),
+so checkpoints, clipping and AdamW see the whole expert set. Here only the local slice is used.
 
 One forward, on every process of the group, after dispatch.py sorted this process's slots by expert:
 
@@ -41,11 +42,16 @@ EXPERT, REPLICATE = "expert", "expert_replicate"  # the mesh dimensions (shardin
 class ExpertGroup:
     """This process's place in expert parallelism: its slice of the experts and whom it exchanges with."""
 
-    mesh: DeviceMesh  # (expert_replicate, expert)
+    mesh: DeviceMesh  # (expert,) or (expert_replicate, expert)
 
     @property
     def size(self) -> int:
         return self.mesh.size(self.mesh.mesh_dim_names.index(EXPERT))
+
+    @property
+    def replicas(self) -> int:
+        """Expert groups: processes holding the same experts."""
+        return self.mesh.size() // self.size
 
     @property
     def rank(self) -> int:
@@ -60,21 +66,22 @@ class _MeanOverProcesses(torch.autograd.Function):
     """Identity forward; backward: the gradient summed over the replicas and divided by the process count."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, mesh: DeviceMesh) -> Tensor:
-        ctx.mesh = mesh
+    def forward(ctx, weight: Tensor, group: ExpertGroup) -> Tensor:
+        ctx.group = group
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad = grad / ctx.mesh.size()
-        if ctx.mesh.size(0) > 1:
-            dist.all_reduce(grad, group=ctx.mesh.get_group(REPLICATE))
+        group = ctx.group
+        grad = grad / group.mesh.size()
+        if group.replicas > 1:
+            dist.all_reduce(grad, group=group.mesh.get_group(REPLICATE))
         return grad, None
 
 
 def local_weight(weight: Tensor, group: ExpertGroup, dtype: torch.dtype) -> Tensor:
     """This process's slice of a (DTensor) expert weight, in ``dtype``, with the data-parallel gradient mean."""
-    return _MeanOverProcesses.apply(weight.to_local(), group.mesh).to(dtype)
+    return _MeanOverProcesses.apply(weight.to_local(), group).to(dtype)
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,15 @@ state-dict keys and the optimizer state in ``optimizer.state_dict()``'s layout, 
 (generate, analyze, export_hf, init_from, prune_experts, held-out evaluation) reads it on one process,
 and a run resumes under fsdp from any strategy's checkpoint and the other way round.
 
-``trainer.expert_parallel=N`` (N > 1) adds expert parallelism (moe_gpt/model/expert_parallel.py): the
-processes form a 2D mesh ``expert_replicate`` x ``expert`` (P/N x N). Each MoE layer's experts are DTensors
-placed ``(Replicate(), Shard(0))`` on it, left out of FSDP2 (each process keeps its E/N experts whole);
-every other weight is sharded N ways and replicated P/N ways (FSDP2's HYBRID sharding on the same mesh;
-with P = N, plain FSDP2). One mesh for every weight keeps clipping, fused AdamW and the one-file
-checkpoints working unchanged: the full-state-dict functions gather the whole expert set on save and
-hand each process its slice on load, so an expert-parallel checkpoint is a one-process run's.
+``trainer.expert_parallel=N`` (N > 1) adds expert parallelism (moe_gpt/model/expert_parallel.py). With
+N = P processes the mesh is one dimension, ``expert``: each MoE layer's experts are DTensors sharded by
+expert on it (``Shard(0)``: each process keeps its E/N experts whole) and left out of FSDP2, which shards
+every other weight over the same P processes as without expert parallelism. With N < P the mesh is
+``expert_replicate`` x ``expert`` (P/N x N): experts ``(Replicate(), Shard(0))``, every other weight sharded
+N ways and replicated P/N ways (FSDP2's hybrid sharding). One mesh for every weight keeps clipping, fused
+AdamW and the one-file checkpoints working unchanged: the full-state-dict functions gather the whole
+expert set on save and hand each process its slice on load, so an expert-parallel checkpoint is a
+one-process run's.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def shard_gpt(model: GPT, mesh: DeviceMesh, precision: str) -> None:
     """
     if isinstance(model, FSDPModule):
         return
-    experts = spread_experts(model, mesh) if mesh.mesh_dim_names == (REPLICATE, EXPERT) else set()
+    experts = spread_experts(model, mesh) if EXPERT in (mesh.mesh_dim_names or ()) else set()
     policy = mixed_precision_policy(precision)
     if policy.param_dtype is not None:
         for layer in model.moe_layers():
@@ -107,10 +109,11 @@ def spread_experts(model: GPT, mesh: DeviceMesh) -> set[nn.Parameter]:
     is the one-process run's.
     """
     group, spread = ExpertGroup(mesh), set()
+    placements = [Shard(0)] if mesh.ndim == 1 else [Replicate(), Shard(0)]
     for layer in model.moe_layers():
         experts = layer.experts
         for name, weight in list(experts.named_parameters(recurse=False)):
-            placed = nn.Parameter(distribute_tensor(weight.detach(), mesh, [Replicate(), Shard(0)]))
+            placed = nn.Parameter(distribute_tensor(weight.detach(), mesh, placements))
             setattr(experts, name, placed)
             spread.add(placed)
         experts.parallel = group
@@ -146,8 +149,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         shard_over_every_process(self)
         super().setup_environment()
         if self.expert_parallel > 1:
-            shape = (self.world_size // self.expert_parallel, self.expert_parallel)
-            self._expert_mesh = init_device_mesh(self.root_device.type, shape, mesh_dim_names=(REPLICATE, EXPERT))
+            self._expert_mesh = expert_mesh(self.root_device.type, self.world_size, self.expert_parallel)
 
     @property
     def sharding_mesh(self) -> DeviceMesh:
@@ -167,6 +169,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         checkpoint = self.checkpoint_io.load_checkpoint(self.broadcast(checkpoint_path), weights_only=True)
         load_full_state(self.model, self.optimizers, checkpoint, strict=self.lightning_module.strict_loading)
         return checkpoint
+
+
+def expert_mesh(device_type: str, processes: int, expert_parallel: int) -> DeviceMesh:
+    """The mesh of every weight under expert parallelism: (expert,) when one group holds every process, else
+    (expert_replicate, expert), consecutive processes forming a group."""
+    if expert_parallel == processes:
+        return init_device_mesh(device_type, (processes,), mesh_dim_names=(EXPERT,))
+    shape = (processes // expert_parallel, expert_parallel)
+    return init_device_mesh(device_type, shape, mesh_dim_names=(REPLICATE, EXPERT))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:

@@ -25,6 +25,7 @@ process's batch that data parallelism gives the other weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from moe_gpt.model.dispatch import Dispatch
 from moe_gpt.model.expert_kernels import moe_ffn
+
+if TYPE_CHECKING:  # experts.py imports this module
+    from moe_gpt.model.experts import Experts
 
 EXPERT, REPLICATE = "expert", "expert_replicate"  # the mesh dimensions (sharding.py builds the mesh)
 
@@ -53,13 +57,6 @@ class ExpertGroup:
         """Expert groups: processes holding the same experts."""
         return self.mesh.size() // self.size
 
-    @property
-    def rank(self) -> int:
-        return self.mesh.get_local_rank(EXPERT)
-
-    def local_experts(self, num_experts: int) -> range:
-        per_process = num_experts // self.size
-        return range(self.rank * per_process, (self.rank + 1) * per_process)
 
 
 class _MeanOverProcesses(torch.autograd.Function):
@@ -96,12 +93,13 @@ class _Exchange:
 def _plan_exchange(dispatch: Dispatch, group: ExpertGroup) -> _Exchange:
     offsets_E = dispatch.offsets_E.long()
     computed_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
+    # Equal splits (L counts to each process): no sizes needed for this one.
     received_per_expert = funcol.all_to_all_single(computed_E, None, None, group.mesh.get_group(EXPERT)).wait()
     sizes = torch.stack([computed_E, received_per_expert]).view(2, group.size, -1).sum(-1).tolist()  # host read
     return _Exchange(sizes[0], sizes[1], received_per_expert)
 
 
-def exchanged_experts_forward(experts, x_TD: Tensor, dispatch: Dispatch, dtype: torch.dtype) -> Tensor:
+def exchanged_experts_forward(experts: Experts, x_TD: Tensor, dispatch: Dispatch, dtype: torch.dtype) -> Tensor:
     """(T, D): for each token, the sum over its computed slots of routing weight x expert output, the experts
     being spread over ``experts.parallel``'s group."""
     group: ExpertGroup = experts.parallel
@@ -118,7 +116,9 @@ def exchanged_experts_forward(experts, x_TD: Tensor, dispatch: Dispatch, dtype: 
     return torch.zeros_like(x_TD).index_add(0, tokens_S, weighted_SD)
 
 
-def _run_local_experts(experts, x_RD: Tensor, received_per_expert: Tensor, group: ExpertGroup, dtype) -> Tensor:
+def _run_local_experts(
+    experts: Experts, x_RD: Tensor, received_per_expert: Tensor, group: ExpertGroup, dtype: torch.dtype
+) -> Tensor:
     """Each received row through its local expert (output bias included), in the order received:
     source-major, the fused operator wants rows expert-major."""
     local = received_per_expert.numel() // group.size

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moe_gpt.model.analysis import (
+    ParallelLayout,
     flops_per_token,
     memory_estimate,
     parameter_counts,
@@ -66,6 +67,55 @@ def test_memory_estimate_scales_activations_with_batch_and_sums():
         memory_estimate(small(), 1, "fp8")
 
 
+MIB = 2**20
+
+
+def counted_by_hand(config: GPTConfig) -> dict[str, int]:
+    """Expert and other parameters of a built model, its root (outside the blocks) and its largest block."""
+    model = GPT(config)
+    experts = sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters())
+    blocks = [sum(p.numel() for p in block.parameters()) for block in model.transformer.h]
+    block_experts = [sum(p.numel() for p in b.mlp.experts.parameters()) if b.is_moe else 0 for b in model.transformer.h]
+    largest = max(range(len(blocks)), key=blocks.__getitem__)
+    return {
+        "total": model.num_parameters(), "experts": experts, "root": model.num_parameters() - sum(blocks),
+        "block": blocks[largest], "block_experts": block_experts[largest],
+    }  # fmt: skip
+
+
+def test_every_ddp_process_holds_what_one_process_holds():
+    one = memory_estimate(small(), 4, "bf16-mixed")
+    assert memory_estimate(small(), 4, "bf16-mixed", ParallelLayout(processes=8)) == one
+    assert one["gathered_weights_mib"] == 0
+    assert one["weights_mib"] * MIB == counted_by_hand(small())["total"] * 4  # float32 weights under bf16-mixed
+
+
+@pytest.mark.parametrize("precision,stored_bytes,compute_bytes", [("32-true", 4, 4), ("bf16-mixed", 4, 2), ("bf16-true", 2, 2)])
+def test_fsdp_stores_one_nth_and_gathers_the_root_and_two_blocks(precision, stored_bytes, compute_bytes):
+    counts, sharded = counted_by_hand(small()), memory_estimate(small(), 4, precision, ParallelLayout(4, sharded=True))
+    assert sharded["weights_mib"] * MIB == pytest.approx(counts["total"] * stored_bytes / 4)
+    assert sharded["gradients_mib"] == sharded["weights_mib"]
+    assert sharded["optimizer_mib"] * MIB == pytest.approx(counts["total"] * 8 / 4)
+    assert sharded["gathered_weights_mib"] * MIB == pytest.approx((counts["root"] + 2 * counts["block"]) * compute_bytes)
+    alone = memory_estimate(small(), 4, precision)
+    assert sharded["activations_mib"] == alone["activations_mib"] and sharded["logits_mib"] == alone["logits_mib"]
+
+
+def test_expert_parallel_processes_hold_their_own_experts_and_never_gather_them():
+    counts = counted_by_hand(small(num_experts=8))
+    rest = counts["total"] - counts["experts"]
+    ddp_ep = memory_estimate(small(num_experts=8), 4, "32-true", ParallelLayout(4, expert_parallel=4))
+    assert ddp_ep["weights_mib"] * MIB == pytest.approx((rest + counts["experts"] / 4) * 4)
+    fsdp = memory_estimate(small(num_experts=8), 4, "32-true", ParallelLayout(4, sharded=True))
+    fsdp_ep = memory_estimate(small(num_experts=8), 4, "32-true", ParallelLayout(4, sharded=True, expert_parallel=4))
+    assert fsdp_ep["weights_mib"] == pytest.approx(fsdp["weights_mib"])  # 1/4 of everything either way
+    gathered_experts = fsdp["gathered_weights_mib"] - fsdp_ep["gathered_weights_mib"]
+    assert gathered_experts * MIB == pytest.approx(2 * counts["block_experts"] * 4)  # none gathered
+    # Expert groups of 2 in 4 processes: the experts are halved, not quartered; the rest stays quartered.
+    fsdp_ep2 = memory_estimate(small(num_experts=8), 4, "32-true", ParallelLayout(4, sharded=True, expert_parallel=2))
+    assert fsdp_ep2["weights_mib"] * MIB == pytest.approx((rest / 4 + counts["experts"] / 2) * 4)
+
+
 def test_chunked_loss_caps_the_logits_memory_at_one_chunk():
     full = replace(small(), loss_chunk_size=0)
     assert memory_estimate(full, 8)["logits_mib"] == pytest.approx(8 * memory_estimate(full, 1)["logits_mib"])
@@ -101,6 +151,28 @@ def test_routing_report_gives_experts_per_token_under_top_p_and_the_dropped_shar
     for layer in report["moe_layers"]:
         assert 1.0 <= layer["experts_per_token"] < 2.0
         assert 0.0 < layer["dropped_fraction"] < 1.0
+
+
+def test_analyze_config_reads_the_processes_and_the_sharding_from_the_trainer_settings():
+    def memory(*overrides):
+        result = script_main("analyze", ["config", "model/size=gpt2_small", "trainer=gpu", *overrides])
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout)["memory_estimate"]
+
+    alone, ddp = memory(), memory("trainer.devices=4")
+    fsdp = memory("trainer.devices=2", "trainer.num_nodes=2", "trainer.strategy=fsdp")
+    assert (alone["processes"], ddp["processes"], fsdp["processes"]) == (1, 4, 4) and fsdp["strategy"] == "fsdp"
+    assert ddp["weights_mib"] == alone["weights_mib"] and fsdp["weights_mib"] == pytest.approx(alone["weights_mib"] / 4)
+    assert fsdp["gathered_weights_mib"] > 0 == alone["gathered_weights_mib"]
+    expert_parallel = memory("trainer.devices=4", "trainer.strategy=fsdp", "trainer.expert_parallel=4")
+    assert expert_parallel["expert_parallel"] == 4
+    assert expert_parallel["gathered_weights_mib"] < fsdp["gathered_weights_mib"]  # the experts are never gathered
+
+
+def test_analyze_config_with_an_unknown_process_count_is_one_line():
+    result = script_main("analyze", ["config", "trainer=gpu", "trainer.devices=auto", "trainer.strategy=fsdp"])
+    assert result.returncode == 2 and "trainer.devices='auto' does not say how many processes" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_analyze_config_cli_prints_costs_as_json():

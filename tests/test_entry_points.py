@@ -22,6 +22,7 @@ RUNS = {
     "scripts/bench_moe.py": (["--help"], 0, "usage: bench_moe.py"),
     "scripts/bench_train_step.py": (["--help"], 0, "usage: bench_train_step.py"),
     "scripts/compare.py": (["--match", "biggest"], 2, "invalid choice: 'biggest'"),
+    "scripts/evaluate.py": (["--checkpoint", "x.ckpt", "--tasks", ","], 2, "error: --tasks is empty"),
     "scripts/export_hf.py": (["--help"], 0, "usage: export_hf.py"),
     "scripts/fetch_tokenizer.py": (["--dir", str(REPO / "data" / "tokenizer")], 0, "already present and verified"),
     "scripts/generate.py": (["--help"], 0, "usage: generate.py"),
@@ -47,7 +48,7 @@ def test_every_command_is_a_console_script_named_after_its_module_and_has_a_wrap
     assert wrappers == commands  # train.py's wrapper sits at the top, the others in scripts/
 
 
-@pytest.mark.slow  # eleven interpreters that import torch: ~3-5 s each on 2 cores
+@pytest.mark.slow  # twelve interpreters that import torch: ~3-5 s each on 2 cores
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_every_wrapper_script_runs_its_command_and_passes_its_exit_code_on(script):
     args, code, text = RUNS[script]

@@ -14,31 +14,57 @@ from pathlib import Path
 import torch
 
 from moe_gpt.model.analysis import (
+    ParallelLayout,
     flops_per_token,
     memory_estimate,
     parameter_counts,
     recommended_settings,
     routing_report,
 )
+from moe_gpt.training.sharding import FSDP
 from moe_gpt.weights.safe_load import load_model
 from moe_gpt.compose import compose_run_config
-from moe_gpt.config import ConfigError, config_warnings, project_path
+from moe_gpt.config import ConfigError, TrainerConfig, config_warnings, project_path
 from moe_gpt.data import load_gpt2_tokenizer
 from moe_gpt.model.intermediate import to_jsonable
 from moe_gpt.cli.common import ArgumentParser, entry_point
 
 
+def parallel_layout(trainer: TrainerConfig) -> ParallelLayout:
+    """The processes and what they shard, from the run's trainer settings."""
+    devices = trainer.devices
+    if isinstance(devices, str) and "," in devices:
+        devices = len([part for part in devices.split(",") if part.strip()])
+    elif not isinstance(devices, int) and not str(devices).isdigit():
+        devices = len(devices) if isinstance(devices, (list, tuple)) else None
+    if devices is None:
+        raise ConfigError(
+            f"trainer.devices={trainer.devices!r} does not say how many processes share the memory; "
+            "give a number, e.g. trainer.devices=8"
+        )
+    return ParallelLayout(
+        processes=int(devices) * trainer.num_nodes,
+        sharded=trainer.strategy == FSDP,
+        expert_parallel=trainer.expert_parallel,
+    )
+
+
 def analyze_config(args: argparse.Namespace) -> None:
     run = compose_run_config(args.overrides)
     batch_size = args.batch_size or run.data.batch_size
+    layout = parallel_layout(run.trainer)
     report = {
         "model": "moe" if run.model.use_moe else "dense",
         **parameter_counts(run.model),
         **flops_per_token(run.model),
         "memory_estimate": {
+            "per_process": True,
+            "processes": layout.processes,
+            "strategy": run.trainer.strategy,
+            "expert_parallel": layout.expert_parallel,
             "batch_size": batch_size,
             "precision": run.trainer.precision,
-            **memory_estimate(run.model, batch_size, run.trainer.precision),
+            **memory_estimate(run.model, batch_size, run.trainer.precision, layout),
         },
         "warnings": config_warnings(run.model),
         "advice": recommended_settings(run.model),

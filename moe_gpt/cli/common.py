@@ -73,3 +73,16 @@ def print_error(error: BaseException, exit_code: int) -> int:
     """``error: <one line>`` on stderr; returns ``exit_code``."""
     print(f"error: {one_line(error)}", file=sys.stderr)
     return exit_code
+
+
+def resolve_device(name: str) -> "torch.device":
+    """``--device``'s value as a torch device, refused in one line when it names none or no GPU is here."""
+    import torch  # here: the commands that run no model need not import it
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return device

@@ -12,6 +12,7 @@ time (a band over seeds); plus an expert-usage heatmap per MoE variant. All runs
     python scripts/compare.py --variants dense,moe:8:2 --seeds 3 --budget tokens --budget time=5
     python scripts/compare.py --match total --variants dense,moe:8:2   # equal total instead of active parameters
     python scripts/compare.py --eval-data shakespeare            # also every best checkpoint on a held-out corpus
+    python scripts/compare.py --eval-tasks arc_easy --eval-limit 200   # and its lm-eval scores (docs/evaluation.md)
     python scripts/compare.py --out outputs/compare/mine         # run again: finished runs are kept
 
 A variant is ``dense`` or ``moe:E:K[:activation][:key=value...]`` where key is any model.moe key,
@@ -33,13 +34,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from moe_gpt.cli.common import ArgumentParser, entry_point
+from moe_gpt.compare.downstream import EvalSettings, cached_scores, eval_settings, report_fields
 from moe_gpt.compare.held_out import cached_held_out_loss, eval_data_config
 from moe_gpt.compare.plan import STATE_FILE, PlannedRun, load_state, parse_budgets, save_state
 from moe_gpt.compare.report import ReportContext, usage_heatmap, write_report
 from moe_gpt.compare.runner import plan_budget, train
 from moe_gpt.compare.variants import MATCH_RULES, MATCHING, parse_variants
 from moe_gpt.compose import compose_run_config, merge_overrides, override_key
-from moe_gpt.config import PROJECT_ROOT, CompareConfig, ConfigError, DataConfig, RunConfig
+from moe_gpt.config import PROJECT_ROOT, CompareConfig, ConfigError, DataConfig, RunConfig, project_path
 from moe_gpt.errors import Interrupted
 from moe_gpt.model.analysis import flops_per_token
 from moe_gpt.training.console import tidy_lightning_logging
@@ -57,6 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--budget", action="append", help="tokens or time=<minutes>; repeat for both")
     parser.add_argument("--match", choices=MATCHING, help="parameter matching (default: compare.match)")
     parser.add_argument("--eval-data", help="a data option (e.g. shakespeare) or a local file/folder to evaluate on")
+    parser.add_argument("--eval-tasks", help="lm-eval tasks every best checkpoint is scored on (docs/evaluation.md)")
+    parser.add_argument("--eval-limit", type=int, help="with --eval-tasks: the first N documents of each task")
+    parser.add_argument("--eval-include-path", help="with --eval-tasks: a folder of task YAML files")
     parser.add_argument("--out", help="report folder (default: outputs/compare/compare-<date_time>); reused runs")
     return parser.parse_args(argv)
 
@@ -101,6 +106,7 @@ def compare(args: argparse.Namespace, command: str) -> None:
     seeds = [run_config.seed + i for i in range(chosen.seeds)]
     configs = {variant.name: compose_run_config(base + variant.overrides) for variant in variants}
     eval_data = eval_data_config(chosen.eval_data, run_config.data) if chosen.eval_data else None
+    downstream = downstream_settings(args, run_config)
     out_dir = (
         Path(args.out).resolve()
         if args.out
@@ -116,7 +122,9 @@ def compare(args: argparse.Namespace, command: str) -> None:
         rows = []
         for budget in budgets:
             runs, untimed = plan_budget(budget, variants, seeds, base, out_dir, rows)
-            rows += [train_and_report(run, configs[run.variant.name], out_dir, eval_data, chosen) for run in runs]
+            rows += [
+                train_and_report(run, configs[run.variant.name], out_dir, eval_data, chosen, downstream) for run in runs
+            ]
             rows += [
                 {"budget": budget.name, "variant": name, "seed": seed, "status": "failed", "reason": reason}
                 for name, reason in untimed.items()
@@ -126,10 +134,26 @@ def compare(args: argparse.Namespace, command: str) -> None:
         print(write_report(rows, budgets, out_dir, context))
 
 
+def downstream_settings(args: argparse.Namespace, run_config: RunConfig) -> Optional[EvalSettings]:
+    """``--eval-tasks``' settings (checked before anything trains), or None without it."""
+    if args.eval_tasks is None:
+        return None
+    tokenizer_dir = project_path(run_config.data.tokenizer_dir)
+    return eval_settings(
+        args.eval_tasks, args.eval_limit, args.eval_include_path, "--eval-", tokenizer_dir=tokenizer_dir
+    )
+
+
 def train_and_report(
-    run: PlannedRun, run_config: RunConfig, out_dir: Path, eval_data: Optional[DataConfig], chosen: CompareConfig
+    run: PlannedRun,
+    run_config: RunConfig,
+    out_dir: Path,
+    eval_data: Optional[DataConfig],
+    chosen: CompareConfig,
+    downstream: Optional[EvalSettings] = None,
 ) -> dict[str, Any]:
-    """Train one run; its row of the report (with its held-out loss, and a heatmap for the first MoE run)."""
+    """Train one run; its row of the report (with its held-out loss and lm-eval scores, and a heatmap for the
+    first MoE run)."""
     row = {"budget": run.budget.name, "variant": run.variant.name, "seed": run.seed, **train(run)}
     row["train_gflops_per_token"] = flops_per_token(run_config.model)["train_flops_per_token"] / 1e9
     if row["status"] != "ok":
@@ -137,6 +161,8 @@ def train_and_report(
     best = run.run_dir / "checkpoints" / "best.ckpt"
     if eval_data is not None:
         row["held_out_loss"] = cached_held_out_loss(run.run_dir, best, eval_data, chosen.eval_data, run_config.trainer)
+    if downstream is not None:
+        row.update(report_fields(cached_scores(run.run_dir, best, downstream)))
     heatmap = out_dir / f"usage_{run.variant.name}.png"
     if run_config.model.use_moe and not heatmap.exists():
         usage_heatmap(best, run_config, heatmap)

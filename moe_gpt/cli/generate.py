@@ -19,7 +19,7 @@ from moe_gpt.config import ConfigError, project_path
 from moe_gpt.data import load_gpt2_tokenizer
 from moe_gpt.data.tokenizer import ENDOFTEXT, GPT2_N_VOCAB
 from moe_gpt.model.generate import check_sampling_arguments, generate
-from moe_gpt.cli.common import ArgumentParser, entry_point
+from moe_gpt.cli.common import ArgumentParser, entry_point, resolve_device
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -44,16 +44,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--tokenizer-dir", default="data/tokenizer", help="folder with gpt2.tiktoken (relative: to the project root)"
     )
     return parser.parse_args(argv)
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-    return device
 
 
 def sample_texts(args: argparse.Namespace) -> list[str]:

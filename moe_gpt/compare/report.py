@@ -127,8 +127,9 @@ def mean_and_std(rows: list[dict], key: str) -> str:
     return f"{result.mean:.4f}" + ("" if result.std is None else f" ± {result.std:.4f}")
 
 
-def verdict_sentences(rows: list[dict], metric: str, label: str) -> list[str]:
-    """Each variant against the first on ``metric`` (lower is better), over the seeds where both have it."""
+def verdict_sentences(rows: list[dict], metric: str, label: str, higher_is_better: bool = False) -> list[str]:
+    """Each variant against the first on ``metric`` (lower is better unless ``higher_is_better``), over the
+    seeds where both have it."""
     variants = variants_of(rows)
     values = {(row["variant"], row["seed"]): row.get(metric) for row in rows if row["status"] == "ok"}
     values = {key: value for key, value in values.items() if value is not None}
@@ -141,7 +142,7 @@ def verdict_sentences(rows: list[dict], metric: str, label: str) -> list[str]:
         difference = paired_difference(
             [values[candidate, seed] for seed in seeds], [values[variants[0], seed] for seed in seeds]
         )
-        sentences.append(verdict(candidate, variants[0], difference, metric=label))
+        sentences.append(verdict(candidate, variants[0], difference, metric=label, higher_is_better=higher_is_better))
     return sentences
 
 
@@ -191,7 +192,8 @@ def budget_section(budget: Budget, rows: list[dict], out_dir: Path, context: Rep
     plots = plot_curves(rows, out_dir / budget.name)
     images = " ".join(f"![{name}]({budget.name}/{name})" for name in plots)
     section = f"## {budget.title}\n\n{table}\n\nVerdict (against the first variant, paired by seed):\n\n{verdicts}\n\n{images}\n"
-    return section, f"{budget.title}\n\n{table}\n\n{verdicts}"
+    downstream = downstream_section(rows)
+    return section + downstream, f"{budget.title}\n\n{table}\n\n{verdicts}" + downstream
 
 
 def write_report(rows: list[dict], budgets: list[Budget], out_dir: Path, context: ReportContext) -> str:
@@ -226,3 +228,23 @@ def usage_heatmap(checkpoint: Path, run: RunConfig, out_path: Path) -> None:
     windows = torch.cat([x for x, _ in validation_batches(run, model.config.block_size, HEATMAP_WINDOWS)])
     report = routing_report(model, windows)
     out_path.write_bytes(usage_heatmap_png([layer["expert_share"] for layer in report["moe_layers"]]))
+
+
+def downstream_section(rows: list[dict]) -> str:
+    """With ``--eval-tasks``: each lm-eval score per variant (mean ± std over seeds) and its verdict; else ""."""
+    flat = [{**row, **row.get("downstream", {})} for row in rows]  # "<task> <metric>" keys beside the others
+    higher_is_better = {key: up for row in rows for key, up in row.get("downstream_higher_is_better", {}).items()}
+    if not higher_is_better:
+        return ""
+    body = []
+    for variant in variants_of(rows):
+        ok = [row for row in flat if row["variant"] == variant and row["status"] == "ok"]
+        body.append([variant, *(mean_and_std(ok, key) for key in higher_is_better)])
+    sentences = [
+        sentence
+        for key, up in higher_is_better.items()
+        for sentence in verdict_sentences(flat, key, f"lm-eval {key}", up)
+    ]
+    verdicts = "\n".join(f"- {sentence}" for sentence in sentences)
+    table = markdown_table(["variant", *(f"{key} (mean ± std)" for key in higher_is_better)], body)
+    return f"\nDownstream, lm-eval on the best checkpoints:\n\n{table}\n\n{verdicts}\n"

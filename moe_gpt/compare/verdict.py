@@ -56,8 +56,10 @@ def paired_difference(candidate: list[float], baseline: list[float], confidence:
     return Difference(mean, mean - half_width, mean + half_width, n)
 
 
-def verdict(candidate: str, baseline: str, difference: Difference, metric: str = "val loss") -> str:
-    """One sentence; lower is better for ``metric``."""
+def verdict(
+    candidate: str, baseline: str, difference: Difference, metric: str = "val loss", higher_is_better: bool = False
+) -> str:
+    """One sentence; lower is better for ``metric`` unless ``higher_is_better`` (an accuracy)."""
     if difference.low is None:
         return (
             f"{candidate} vs {baseline}: {metric} {difference.mean:+.4f} from one seed, so no confidence interval; "
@@ -66,5 +68,7 @@ def verdict(candidate: str, baseline: str, difference: Difference, metric: str =
     interval = f"{CONFIDENCE:.0%} CI {difference.low:+.4f} to {difference.high:+.4f}, {difference.n} seeds"
     if not difference.excludes_zero:
         return f"no difference shown between {candidate} and {baseline}: {metric} {difference.mean:+.4f} ({interval})"
-    better, worse = (candidate, baseline) if difference.mean < 0 else (baseline, candidate)
-    return f"{better} beats {worse}: {metric} lower by {abs(difference.mean):.4f} ({interval})"
+    candidate_wins = (difference.mean > 0) if higher_is_better else (difference.mean < 0)
+    better, worse = (candidate, baseline) if candidate_wins else (baseline, candidate)
+    direction = "higher" if higher_is_better else "lower"
+    return f"{better} beats {worse}: {metric} {direction} by {abs(difference.mean):.4f} ({interval})"

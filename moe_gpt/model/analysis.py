@@ -7,7 +7,7 @@ promising that a run fits.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -44,11 +44,59 @@ def flops_per_token(config: GPTConfig) -> dict[str, int]:
     return {"forward_flops_per_token": forward, "train_flops_per_token": 3 * forward}
 
 
-def memory_estimate(config: GPTConfig, batch_size: int, precision: str = "32-true") -> dict[str, float]:
-    """Training memory in MiB: weights, gradients, AdamW state, activations and logits for one batch."""
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How a run spreads over its processes (``trainer.devices`` x ``trainer.num_nodes``): DDP keeps every weight on
+    every process; FSDP2 (``trainer.strategy=fsdp``) keeps 1/N of every weight, gradient and AdamW moment; expert
+    parallelism (``trainer.expert_parallel``) splits each MoE layer's experts over that many processes."""
+
+    processes: int = 1
+    sharded: bool = False
+    expert_parallel: int = 1
+
+
+def parameter_groups(config: GPTConfig) -> dict[str, int]:
+    """Routed-expert and other parameters, in all and in the largest block and the root (the embeddings,
+    final norm and output layer: FSDP2's outermost group), counted on the meta device."""
+    with torch.device("meta"):
+        model = GPT(config)
+    experts = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
+    in_blocks = {id(p) for p in model.transformer.h.parameters()}
+
+    def count(params, want_experts: bool) -> int:
+        return sum(p.numel() for p in params if (id(p) in experts) == want_experts)
+
+    blocks = [(count(b.parameters(), False), count(b.parameters(), True)) for b in model.transformer.h]
+    largest_rest, largest_experts = max(blocks, key=sum)
+    return {
+        "experts": count(model.parameters(), True),
+        "rest": count(model.parameters(), False),
+        "block_rest": largest_rest,
+        "block_experts": largest_experts,
+        "root": sum(p.numel() for p in model.parameters() if id(p) not in in_blocks),
+    }
+
+
+def memory_estimate(
+    config: GPTConfig, batch_size: int, precision: str = "32-true", layout: ParallelLayout = ParallelLayout()
+) -> dict[str, float]:
+    """Training memory in MiB on each process: weights, gradients, AdamW state, weights gathered for the blocks
+    running now (FSDP2 only), activations and logits for one batch of ``batch_size`` sequences (per process).
+
+    Under FSDP2 a process stores 1/N of everything and all-gathers the root's weights for the whole step and
+    about two blocks at a time (the one running and the next, prefetched); with expert parallelism it holds
+    only its own experts, which are never gathered: the tokens travel to them instead.
+    """
     if precision not in BYTES_PER_PARAM:
         raise ConfigError(f"trainer.precision={precision!r} is unknown; choose one of {', '.join(BYTES_PER_PARAM)}")
-    params = parameter_counts(config)["params_total"]
+    groups = parameter_groups(config)
+    ep = layout.expert_parallel
+    stored = groups["rest"] / (layout.processes if layout.sharded else 1)
+    # FSDP2 alone shards the experts over every process; with expert parallelism each keeps its E/N whole,
+    # left out of FSDP2's gathers (moe_gpt/training/sharding.py).
+    stored += groups["experts"] / (ep if ep > 1 or not layout.sharded else layout.processes)
+    block_gathered = groups["block_rest"] + (groups["block_experts"] if ep == 1 else 0)
+    gathered = groups["root"] + 2 * block_gathered if layout.sharded else 0
     tokens = batch_size * config.block_size
     act_bytes = ACTIVATION_BYTES[precision]
     d, h = config.n_embd, config.ffn_hidden_size
@@ -67,9 +115,10 @@ def memory_estimate(config: GPTConfig, batch_size: int, precision: str = "32-tru
         logits = tokens * config.padded_vocab_size * 4 * 2
     mib = 2**20
     estimate = {
-        "weights_mib": params * BYTES_PER_PARAM[precision] / mib,
-        "gradients_mib": params * BYTES_PER_PARAM[precision] / mib,
-        "optimizer_mib": params * 8 / mib,  # AdamW: two float32 moments per parameter
+        "weights_mib": stored * BYTES_PER_PARAM[precision] / mib,
+        "gradients_mib": stored * BYTES_PER_PARAM[precision] / mib,
+        "optimizer_mib": stored * 8 / mib,  # AdamW: two float32 moments per parameter
+        "gathered_weights_mib": gathered * act_bytes / mib,  # in the compute dtype (bf16 under bf16-mixed)
         "activations_mib": activations / mib,
         "logits_mib": logits / mib,
     }

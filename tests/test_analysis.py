@@ -167,6 +167,8 @@ def test_analyze_config_reads_the_processes_and_the_sharding_from_the_trainer_se
     expert_parallel = memory("trainer.devices=4", "trainer.strategy=fsdp", "trainer.expert_parallel=4")
     assert expert_parallel["expert_parallel"] == 4
     assert expert_parallel["gathered_weights_mib"] < fsdp["gathered_weights_mib"]  # the experts are never gathered
+    refused = script_main("analyze", ["config", "trainer.devices=4", "trainer.expert_parallel=4"])
+    assert refused.returncode == 2 and refused.stderr.strip().endswith("add trainer.strategy=fsdp")
 
 
 def test_analyze_config_with_an_unknown_process_count_is_one_line():

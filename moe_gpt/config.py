@@ -342,6 +342,7 @@ class TrainerConfig:
     deterministic: bool = False  # deterministic torch algorithms only (reproducible, slower)
     num_sanity_val_steps: int = 2  # validation batches run before training to catch a broken val step; 0 skips, -1 all
     enable_model_summary: bool = True  # print the layer table with sizes and FLOPs when training starts
+    expert_parallel: int = 1  # N > 1: each process holds E/N experts of each MoE layer (fsdp only, docs/gpu.md)
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -352,6 +353,7 @@ class TrainerConfig:
                 "trainer.accumulate_grad_batches": self.accumulate_grad_batches,
                 "trainer.log_every_n_steps": self.log_every_n_steps,
                 "trainer.num_nodes": self.num_nodes,
+                "trainer.expert_parallel": self.expert_parallel,
             }
         )
         _require(

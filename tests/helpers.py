@@ -113,6 +113,24 @@ def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 300, c
         time.sleep(0.01)
 
 
+def kill_all_at_first_checkpoint_then_resume(args: list[str], run_dir: Path, cwd: Path) -> int:
+    """train.py with ``args`` (and ``hydra.run.dir=run_dir``), ``kill -9`` of all its processes once it wrote
+    ``last.ckpt``, then ``resume=last`` to the end; returns the killed run's last step. The processes are a
+    session of their own, so that the kill takes them all, as when their machine goes down."""
+    import signal
+
+    from moe_gpt.weights.safe_load import read_checkpoint
+
+    process = start_train_cli([*args, f"hydra.run.dir={run_dir}"], cwd=cwd, new_session=True)
+    wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    resumed = run_train_cli([f"hydra.run.dir={run_dir}", "resume=last"], cwd=cwd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return killed_at
+
+
 def csv_column(run_dir: Path, column: str) -> list[tuple[int, float]]:
     """(step, value) for every row of the run's CSV log that has ``column``."""
     with open(run_dir / "csv" / "metrics.csv", newline="") as handle:

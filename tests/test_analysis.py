@@ -108,9 +108,12 @@ def test_expert_parallel_processes_hold_their_own_experts_and_never_gather_them(
     assert ddp_ep["weights_mib"] * MIB == pytest.approx((rest + counts["experts"] / 4) * 4)
     fsdp = memory_estimate(small(num_experts=8), 4, "32-true", ParallelLayout(4, sharded=True))
     fsdp_ep = memory_estimate(small(num_experts=8), 4, "32-true", ParallelLayout(4, sharded=True, expert_parallel=4))
-    assert fsdp_ep["weights_mib"] == fsdp["weights_mib"]  # 1/4 of everything either way
+    assert fsdp_ep["weights_mib"] == pytest.approx(fsdp["weights_mib"])  # 1/4 of everything either way
     gathered_experts = fsdp["gathered_weights_mib"] - fsdp_ep["gathered_weights_mib"]
-    assert gathered_experts * MIB == pytest.approx(2 * counts["block_experts"] * (1 - 1 / 4) * 4)
+    assert gathered_experts * MIB == pytest.approx(2 * counts["block_experts"] * 4)  # none gathered
+    # Expert groups of 2 in 4 processes: the experts are halved, not quartered; the rest stays quartered.
+    fsdp_ep2 = memory_estimate(small(num_experts=8), 4, "32-true", ParallelLayout(4, sharded=True, expert_parallel=2))
+    assert fsdp_ep2["weights_mib"] * MIB == pytest.approx((rest / 4 + counts["experts"] / 2) * 4)
 
 
 def test_chunked_loss_caps_the_logits_memory_at_one_chunk():
@@ -161,6 +164,11 @@ def test_analyze_config_reads_the_processes_and_the_sharding_from_the_trainer_se
     assert (alone["processes"], ddp["processes"], fsdp["processes"]) == (1, 4, 4) and fsdp["strategy"] == "fsdp"
     assert ddp["weights_mib"] == alone["weights_mib"] and fsdp["weights_mib"] == pytest.approx(alone["weights_mib"] / 4)
     assert fsdp["gathered_weights_mib"] > 0 == alone["gathered_weights_mib"]
+    expert_parallel = memory("trainer.devices=4", "trainer.strategy=fsdp", "trainer.expert_parallel=4")
+    assert expert_parallel["expert_parallel"] == 4
+    assert expert_parallel["gathered_weights_mib"] < fsdp["gathered_weights_mib"]  # the experts are never gathered
+    refused = script_main("analyze", ["config", "trainer.devices=4", "trainer.expert_parallel=4"])
+    assert refused.returncode == 2 and refused.stderr.strip().endswith("add trainer.strategy=fsdp")
 
 
 def test_analyze_config_with_an_unknown_process_count_is_one_line():

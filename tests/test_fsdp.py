@@ -6,8 +6,6 @@ command line); the others use a gloo process group of one process in this one, r
 """
 
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -26,11 +24,10 @@ from tests.helpers import (
     TINY,
     csv_column,
     error_lines,
+    kill_all_at_first_checkpoint_then_resume,
     run_train_cli,
     script_main,
-    start_train_cli,
     train_main,
-    wait_for_file,
 )
 
 TWO_PROCESSES = ["data.batch_size=2", "trainer.devices=2", "trainer.strategy=fsdp"]
@@ -233,14 +230,7 @@ def test_an_fsdp_run_killed_with_sigkill_resumes_into_the_same_run(tmp_path, cor
     uninterrupted = train_cli(resumable, tmp_path / "uninterrupted")
 
     run_dir = tmp_path / "run"
-    # A session of its own, so that the kill takes both processes, as when their machine goes down.
-    process = start_train_cli(TINY + resumable + ["logger=csv", f"hydra.run.dir={run_dir}"], cwd=tmp_path, new_session=True)
-    wait_for_file(run_dir / "checkpoints" / "last.ckpt", process)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert 1 <= read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] < 8
-    resumed = run_train_cli([f"hydra.run.dir={run_dir}", "resume=last"], cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 1 <= kill_all_at_first_checkpoint_then_resume(TINY + resumable + ["logger=csv"], run_dir, tmp_path) < 8
 
     weights, expected = (last_weights(d) for d in (run_dir, tmp_path / "uninterrupted"))
     assert weights.keys() == expected.keys() and any(key.endswith("selection_bias") for key in weights)

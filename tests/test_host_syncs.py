@@ -55,3 +55,18 @@ def test_with_two_processes_a_step_that_does_not_log_reads_nothing_and_runs_no_c
     for rank in (0, 1):
         events = json.loads((tmp_path / f"host_syncs_rank{rank}.json").read_text())
         assert_only_logging_steps_read({int(step): what for step, what in events.items()})
+
+
+@pytest.mark.slow
+def test_with_expert_parallelism_a_quiet_step_reads_only_the_all_to_all_split_sizes(tmp_path, corpus_overrides):
+    # The one exception (docs/gpu.md): all-to-all takes its split sizes on the host, read once per MoE layer.
+    two = ["trainer.devices=2", "trainer.strategy=fsdp", "trainer.expert_parallel=2", "data.batch_size=2"]
+    command = [sys.executable, "-m", "tests.host_syncs", str(tmp_path), *TINY, *corpus_overrides, *QUIET, *two]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    split_sizes = "Tensor.tolist() @ moe_gpt/model/expert_parallel.py"
+    for rank in (0, 1):
+        events = json.loads((tmp_path / f"host_syncs_rank{rank}.json").read_text())
+        quiet = [events.get(str(step), []) for step in range(1, 9) if step not in LOGGING_STEPS]
+        assert all(len(reads) == 2 and all(read.startswith(split_sizes) for read in reads) for reads in quiet), quiet

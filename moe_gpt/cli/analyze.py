@@ -21,7 +21,7 @@ from moe_gpt.model.analysis import (
     recommended_settings,
     routing_report,
 )
-from moe_gpt.training.sharding import FSDP
+from moe_gpt.training.sharding import FSDP, check_expert_parallel
 from moe_gpt.weights.safe_load import load_model
 from moe_gpt.compose import compose_run_config
 from moe_gpt.config import ConfigError, TrainerConfig, config_warnings, project_path
@@ -42,13 +42,18 @@ def parallel_layout(trainer: TrainerConfig) -> ParallelLayout:
             f"trainer.devices={trainer.devices!r} does not say how many processes share the memory; "
             "give a number, e.g. trainer.devices=8"
         )
-    return ParallelLayout(processes=int(devices) * trainer.num_nodes, sharded=trainer.strategy == FSDP)
+    return ParallelLayout(
+        processes=int(devices) * trainer.num_nodes,
+        sharded=trainer.strategy == FSDP,
+        expert_parallel=trainer.expert_parallel,
+    )
 
 
 def analyze_config(args: argparse.Namespace) -> None:
     run = compose_run_config(args.overrides)
     batch_size = args.batch_size or run.data.batch_size
     layout = parallel_layout(run.trainer)
+    check_expert_parallel(run, layout.processes)  # what train.py would refuse is not estimated
     report = {
         "model": "moe" if run.model.use_moe else "dense",
         **parameter_counts(run.model),

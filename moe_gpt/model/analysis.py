@@ -92,8 +92,11 @@ def memory_estimate(
     groups = parameter_groups(config)
     ep = layout.expert_parallel
     stored = groups["rest"] / (layout.processes if layout.sharded else 1)
-    stored += groups["experts"] / (layout.processes if layout.sharded else ep)
-    gathered = groups["root"] + 2 * (groups["block_rest"] + groups["block_experts"] / ep) if layout.sharded else 0
+    # FSDP2 alone shards the experts over every process; with expert parallelism each keeps its E/N whole,
+    # left out of FSDP2's gathers (moe_gpt/training/sharding.py).
+    stored += groups["experts"] / (ep if ep > 1 or not layout.sharded else layout.processes)
+    block_gathered = groups["block_rest"] + (groups["block_experts"] if ep == 1 else 0)
+    gathered = groups["root"] + 2 * block_gathered if layout.sharded else 0
     tokens = batch_size * config.block_size
     act_bytes = ACTIVATION_BYTES[precision]
     d, h = config.n_embd, config.ffn_hidden_size

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_gpt.model.dispatch import Dispatch
 from moe_gpt.model.expert_kernels import ACTIVATIONS, moe_ffn, row_blocks
+from moe_gpt.model.expert_parallel import ExpertGroup, exchanged_experts_forward
 
 
 class FeedForward(nn.Module):
@@ -51,14 +54,19 @@ class Experts(nn.Module):
         self.c_fc_bias = nn.Parameter(torch.zeros(num_experts, hidden)) if bias else None
         self.c_proj_bias = nn.Parameter(torch.zeros(num_experts, n_embd)) if bias else None
         self.dropout = nn.Dropout(dropout)
+        # trainer.expert_parallel > 1: the weights are DTensors and this process computes its slice of the
+        # experts for every process of its group (expert_parallel.py; set by training/sharding.py).
+        self.parallel: Optional[ExpertGroup] = None
 
     def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
         """(T, D): for each token, the sum over its computed slots of routing weight x expert output."""
-        if self.impl == "loop":
-            return self.per_expert_forward(x_TD, dispatch)
         # moe_ffn is an opaque operator, so autocast would not cast its inputs: do it here.
         device = x_TD.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
+        if self.parallel is not None:
+            return self.dropout(exchanged_experts_forward(self, x_TD, dispatch, dtype))
+        if self.impl == "loop":
+            return self.per_expert_forward(x_TD, dispatch)
         b1 = None if self.c_fc_bias is None else self.c_fc_bias.to(dtype)
         out_TD, _, _ = moe_ffn(
             x_TD,

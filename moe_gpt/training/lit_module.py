@@ -48,7 +48,7 @@ class GPTLightningModule(L.LightningModule):
     def configure_model(self) -> None:
         """trainer.strategy=fsdp: shard the GPT over the processes (FSDP2); every other strategy keeps it whole."""
         if isinstance(self.trainer.strategy, FSDP2Strategy):
-            shard_gpt(self.model, self.device_mesh["data_parallel"], self.trainer.precision)
+            shard_gpt(self.model, self.trainer.strategy.sharding_mesh, self.trainer.precision)
 
     def on_train_start(self) -> None:
         self._apply_optim_config()

@@ -68,7 +68,7 @@ APPLIED: tuple[str, ...] = (
         for key in (
             "accelerator", "devices", "num_nodes", "strategy", "precision", "max_steps", "val_check_interval",
             "limit_val_batches", "gradient_clip_val", "accumulate_grad_batches", "log_every_n_steps",
-            "deterministic", "num_sanity_val_steps", "enable_model_summary",
+            "deterministic", "num_sanity_val_steps", "enable_model_summary", "expert_parallel",
         )
     ),  # fmt: skip
     "checkpoint.every_n_steps",

@@ -8,6 +8,16 @@ Checkpoints stay what a one-process run writes: one file, assembled on rank zero
 state-dict keys and the optimizer state in ``optimizer.state_dict()``'s layout, so every consumer
 (generate, analyze, export_hf, init_from, prune_experts, held-out evaluation) reads it on one process,
 and a run resumes under fsdp from any strategy's checkpoint and the other way round.
+
+``trainer.expert_parallel=N`` (N > 1) adds expert parallelism (moe_gpt/model/expert_parallel.py). With
+N = P processes the mesh is one dimension, ``expert``: each MoE layer's experts are DTensors sharded by
+expert on it (``Shard(0)``: each process keeps its E/N experts whole) and left out of FSDP2, which shards
+every other weight over the same P processes as without expert parallelism. With N < P the mesh is
+``expert_replicate`` x ``expert`` (P/N x N): experts ``(Replicate(), Shard(0))``, every other weight sharded
+N ways and replicated P/N ways (FSDP2's hybrid sharding). One mesh for every weight keeps clipping, fused
+AdamW and the one-file checkpoints working unchanged: the full-state-dict functions gather the whole
+expert set on save and hand each process its slice on load, so an expert-parallel checkpoint is a
+one-process run's.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -23,11 +34,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.optim import Optimizer
 
-from moe_gpt.config import ConfigError, TrainerConfig
+from moe_gpt.config import ConfigError, RunConfig, TrainerConfig
+from moe_gpt.model.expert_parallel import EXPERT, REPLICATE, ExpertGroup
 from moe_gpt.model.gpt import GPT
 from moe_gpt.training.lightning_internals import shard_over_every_process
 
@@ -47,26 +60,70 @@ def check_fsdp_settings(cfg: TrainerConfig) -> None:
         )
 
 
+def check_expert_parallel(cfg: RunConfig, processes: int) -> None:
+    """``trainer.expert_parallel``: an MoE model under fsdp, dividing the process count and the expert count."""
+    size = cfg.trainer.expert_parallel
+    if size == 1:
+        return
+    key = f"trainer.expert_parallel={size}"
+    if not cfg.model.use_moe:
+        raise ConfigError(f"{key} needs an MoE model (model=moe); a dense model has no experts to spread")
+    if cfg.trainer.strategy != FSDP:
+        raise ConfigError(f"{key} runs under FSDP2 only; add trainer.strategy=fsdp")
+    if processes % size:
+        raise ConfigError(f"{key} must divide the process count ({processes}); set trainer.devices to a multiple")
+    if cfg.model.moe.num_experts % size:
+        raise ConfigError(
+            f"{key} must divide model.moe.num_experts={cfg.model.moe.num_experts}; each process holds an equal share"
+        )
+
+
 def strategy_for(cfg: TrainerConfig) -> Any:
     """What Lightning's Trainer gets as ``strategy``: FSDP2 for ``fsdp``, Lightning's own name otherwise."""
-    return FSDP2Strategy() if cfg.strategy == FSDP else cfg.strategy
+    return FSDP2Strategy(cfg.expert_parallel) if cfg.strategy == FSDP else cfg.strategy
 
 
 def shard_gpt(model: GPT, mesh: DeviceMesh, precision: str) -> None:
     """``fully_shard`` each transformer block, then the root (embeddings, final norm, output layer).
 
-    Children first: a module's parameters belong to the innermost ``fully_shard`` around them.
+    Children first: a module's parameters belong to the innermost ``fully_shard`` around them. On an expert
+    mesh the experts are spread over it first, and FSDP2 leaves them alone.
     Already sharded (a validation after fit sets the model up again): nothing to do.
     """
     if isinstance(model, FSDPModule):
         return
+    experts = spread_experts(model, mesh) if EXPERT in (mesh.mesh_dim_names or ()) else set()
     policy = mixed_precision_policy(precision)
     if policy.param_dtype is not None:
         for layer in model.moe_layers():
             fully_shard(layer.router, mesh=mesh, mp_policy=ROUTER_POLICY)
     for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=experts)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=experts)
+
+
+def spread_experts(model: GPT, mesh: DeviceMesh) -> set[nn.Parameter]:
+    """Make every MoE layer's expert weights DTensors of which this process holds its E/N experts; returns them.
+
+    Every process built the same whole model (the same seed, or the same init_from weights), so its slice
+    is the one-process run's.
+    """
+    group, spread = ExpertGroup(mesh), set()
+    placements = [Shard(0)] if mesh.ndim == 1 else [Replicate(), Shard(0)]
+    for layer in model.moe_layers():
+        experts = layer.experts
+        for name, weight in list(experts.named_parameters(recurse=False)):
+            placed = nn.Parameter(distribute_tensor(weight.detach(), mesh, placements))
+            setattr(experts, name, placed)
+            spread.add(placed)
+        experts.parallel = group
+    local, total = sum(p.to_local().numel() for p in spread), sum(p.numel() for p in spread)
+    num_experts = model.config.moe.num_experts
+    rank_zero_info(
+        f"experts per rank: {num_experts // group.size} of {num_experts} "
+        f"({local:,} of {total:,} expert parameters), expert groups of {group.size} process(es)"
+    )
+    return spread
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
@@ -81,14 +138,23 @@ class FSDP2Strategy(ModelParallelStrategy):
     """``ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1,
     save_distributed_checkpoint=False)``, with checkpoints in a one-process run's layout."""
 
-    def __init__(self) -> None:
+    def __init__(self, expert_parallel: int = 1) -> None:
         # The data-parallel size is the process count, known once Lightning has resolved trainer.devices
         # (auto, -1, a list of ids): set in setup_environment.
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False)
+        self.expert_parallel = expert_parallel
+        self._expert_mesh: Optional[DeviceMesh] = None
 
     def setup_environment(self) -> None:
         shard_over_every_process(self)
         super().setup_environment()
+        if self.expert_parallel > 1:
+            self._expert_mesh = expert_mesh(self.root_device.type, self.world_size, self.expert_parallel)
+
+    @property
+    def sharding_mesh(self) -> DeviceMesh:
+        """What ``shard_gpt`` shards over: every process (one dimension), or the expert mesh."""
+        return self._expert_mesh if self._expert_mesh is not None else self.device_mesh["data_parallel"]
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         # Lightning's own numbers the parameters in the model's order, which a one-process run could not read.
@@ -103,6 +169,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         checkpoint = self.checkpoint_io.load_checkpoint(self.broadcast(checkpoint_path), weights_only=True)
         load_full_state(self.model, self.optimizers, checkpoint, strict=self.lightning_module.strict_loading)
         return checkpoint
+
+
+def expert_mesh(device_type: str, processes: int, expert_parallel: int) -> DeviceMesh:
+    """The mesh of every weight under expert parallelism: (expert,) when one group holds every process, else
+    (expert_replicate, expert), consecutive processes forming a group."""
+    if expert_parallel == processes:
+        return init_device_mesh(device_type, (processes,), mesh_dim_names=(EXPERT,))
+    shape = (processes // expert_parallel, expert_parallel)
+    return init_device_mesh(device_type, shape, mesh_dim_names=(REPLICATE, EXPERT))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:

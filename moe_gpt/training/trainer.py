@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from moe_gpt.config import ConfigError, RunConfig, TrainerConfig, check_cpu_devices
 from moe_gpt.training.atomic_write import AtomicCheckpointIO
 from moe_gpt.training.lightning_internals import launches_by_rerunning_command
-from moe_gpt.training.sharding import check_fsdp_settings, strategy_for
+from moe_gpt.training.sharding import check_expert_parallel, check_fsdp_settings, strategy_for
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,11 @@ def check_trainer_settings(cfg: RunConfig) -> None:
 def _trainer(cfg: RunConfig, **attached) -> L.Trainer:
     check_accelerator_available(cfg.trainer)
     check_fsdp_settings(cfg.trainer)
+    # expert_parallel is no Trainer argument: the fsdp strategy takes it (sharding.py).
+    lightning_settings = {key: value for key, value in asdict(cfg.trainer).items() if key != "expert_parallel"}
     try:
-        return L.Trainer(
-            **{**asdict(cfg.trainer), "strategy": strategy_for(cfg.trainer)},  # fsdp: FSDP2, sharding.py
+        trainer = L.Trainer(
+            **{**lightning_settings, "strategy": strategy_for(cfg.trainer)},  # fsdp: FSDP2, sharding.py
             max_epochs=-1,  # training length is max_steps; epochs just repeat the data
             check_val_every_n_epoch=None,  # validate every val_check_interval batches, across epochs
             use_distributed_sampler=False,  # TokenDataModule shards the data itself, resumably
@@ -64,6 +66,8 @@ def _trainer(cfg: RunConfig, **attached) -> L.Trainer:
     except (MisconfigurationException, ValueError, RuntimeError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ConfigError(f"the trainer settings do not work here: {first_line}") from None
+    check_expert_parallel(cfg, trainer.world_size)
+    return trainer
 
 
 def check_accelerator_available(cfg: TrainerConfig) -> None:

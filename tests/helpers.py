@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import json
 import hashlib
 import importlib
 import io
@@ -111,6 +112,20 @@ def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 300, c
             process.kill()
             raise AssertionError(f"{path} did not appear within {timeout} s")
         time.sleep(0.01)
+
+
+def train_tiny_run(args: list[str], run_dir: Path) -> subprocess.CompletedProcess:
+    """A TINY run logged to CSV in ``run_dir``: in this process when it is one process, as ``python train.py``
+    when it has several (Lightning starts the others by running the command line again, which needs one)."""
+    argv = [*TINY, *args, "logger=csv", f"hydra.run.dir={run_dir}"]
+    several = any(arg.startswith("trainer.devices=") and arg != "trainer.devices=1" for arg in args)
+    result = run_train_cli(argv, cwd=run_dir.parent) if several else train_main(argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def metrics_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def kill_all_at_first_checkpoint_then_resume(args: list[str], run_dir: Path, cwd: Path) -> int:

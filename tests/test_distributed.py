@@ -5,14 +5,12 @@ import json
 import pytest
 import torch
 
-from tests.helpers import TINY, csv_column, run_train_cli, train_main
+from tests.helpers import TINY, csv_column, metrics_of, train_main, train_tiny_run
 
 
 def train_cli(args: list[str], run_dir) -> dict:
-    """train.py in a process of its own: Lightning starts the other DDP process by re-running its command line."""
-    result = run_train_cli(TINY + args + ["logger=csv", f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((run_dir / "metrics.json").read_text())
+    train_tiny_run(args, run_dir)
+    return metrics_of(run_dir)
 
 
 # aux_free on: its bias update reads the load summed over processes, so it is part of what must agree.

@@ -16,7 +16,7 @@ from moe_gpt.model.gpt import GPT
 from moe_gpt.training.sharding import expert_mesh, shard_gpt
 from moe_gpt.weights.safe_load import read_checkpoint
 from tests.helpers import TINY, csv_column, error_lines, kill_all_at_first_checkpoint_then_resume, script_main
-from tests.helpers import run_train_cli, train_main
+from tests.helpers import train_main, train_tiny_run
 
 # Every option whose meaning expert parallelism must keep, at once: capacity (tokens dropped), top_p (slots
 # unused), shared experts, biases in the experts (on by default), the sigmoid router's aux_free balancing.
@@ -105,8 +105,7 @@ def test_two_expert_parallel_processes_give_the_data_parallel_gradients(tmp_path
 
 # ---------------------------------------------------------------------------------- train.py runs
 def train_cli(args: list[str], run_dir) -> str:
-    result = run_train_cli(TINY + args + ["logger=csv", f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = train_tiny_run(args, run_dir)
     return result.stdout + result.stderr
 
 

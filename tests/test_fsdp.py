@@ -25,9 +25,10 @@ from tests.helpers import (
     csv_column,
     error_lines,
     kill_all_at_first_checkpoint_then_resume,
-    run_train_cli,
+    metrics_of,
     script_main,
     train_main,
+    train_tiny_run,
 )
 
 TWO_PROCESSES = ["data.batch_size=2", "trainer.devices=2", "trainer.strategy=fsdp"]
@@ -157,9 +158,8 @@ def last_weights(run_dir) -> dict[str, torch.Tensor]:
 
 
 def train_cli(args: list[str], run_dir) -> dict:
-    result = run_train_cli(TINY + args + ["logger=csv", f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((run_dir / "metrics.json").read_text())
+    train_tiny_run(args, run_dir)
+    return metrics_of(run_dir)
 
 
 @pytest.fixture(scope="module")

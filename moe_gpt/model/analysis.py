@@ -91,10 +91,11 @@ def memory_estimate(
         raise ConfigError(f"trainer.precision={precision!r} is unknown; choose one of {', '.join(BYTES_PER_PARAM)}")
     groups = parameter_groups(config)
     ep = layout.expert_parallel
-    stored = groups["rest"] / (layout.processes if layout.sharded else 1)
-    # FSDP2 alone shards the experts over every process; with expert parallelism each keeps its E/N whole,
-    # left out of FSDP2's gathers (moe_gpt/training/sharding.py).
-    stored += groups["experts"] / (ep if ep > 1 or not layout.sharded else layout.processes)
+    # FSDP2 alone shards every weight over every process. With expert parallelism each process keeps its E/N
+    # experts whole, left out of FSDP2's gathers, and the other weights are sharded over its expert group of
+    # N (replicated over the P/N groups: hybrid sharding; moe_gpt/training/sharding.py).
+    sharding = ep if ep > 1 else layout.processes
+    stored = groups["rest"] / (sharding if layout.sharded else 1) + groups["experts"] / (sharding if layout.sharded else ep)
     block_gathered = groups["block_rest"] + (groups["block_experts"] if ep == 1 else 0)
     gathered = groups["root"] + 2 * block_gathered if layout.sharded else 0
     tokens = batch_size * config.block_size

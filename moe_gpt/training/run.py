@@ -25,7 +25,7 @@ from moe_gpt.training.checkpoint_callbacks import (
 )
 from moe_gpt.training.clock import TrainingClock
 from moe_gpt.config import ConfigError, RunConfig, run_warnings
-from moe_gpt.training.console import StepProgressBar
+from moe_gpt.training.console import ProgressLog, StepProgressBar
 from moe_gpt.data import TokenDataModule
 from moe_gpt.data.tokenizer import GPT2_N_VOCAB
 from moe_gpt.training.expert_usage import ExpertUsageLogger
@@ -111,7 +111,8 @@ def _train_in_claimed_dir(
     clock = TrainingClock()
     history = LossHistory(clock)
     # First: a checkpoint saved at a validation's end (preemption.py) then holds that validation's point.
-    callbacks = [clock, history, *run_callbacks(cfg, best, run_record, with_lr_monitor=bool(loggers))]
+    callbacks = [clock, history, ProgressLog(clock, history)]  # ProgressLog prints the points history records
+    callbacks += run_callbacks(cfg, best, run_record, with_lr_monitor=bool(loggers))
     callbacks += record.callbacks
     trainer = build_trainer(cfg, loggers, callbacks)
     warn_if_world_size_changed(resume, trainer)

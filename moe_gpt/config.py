@@ -408,6 +408,9 @@ class CheckpointConfig:
     """When ``checkpoints/last.ckpt`` is written; ``best.ckpt`` follows validation."""
 
     every_n_steps: int = 100  # optimizer steps between last.ckpt writes (also written at the end and on SIGTERM/SIGINT)
+    # true: best.ckpt and last.ckpt hold the weights without AdamW's state (about a third of the size); such a run
+    # cannot be continued with resume=last, except after a stop signal, whose last.ckpt is always complete
+    save_weights_only: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(**{"checkpoint.every_n_steps": self.every_n_steps})
@@ -422,7 +425,7 @@ class LoggerConfig:
     mode: str = "offline"  # offline (no account needed; `wandb sync` later) | online (needs `wandb login`)
     group: Optional[str] = None  # W&B group, e.g. one sweep or comparison
     expert_stats_every_n_steps: int = 10  # per-layer expert usage, entropy, max-load violation
-    heatmap_every_n_steps: int = 50  # layer x expert usage image (W&B only)
+    heatmap_every_n_steps: int = 50  # layer x expert usage image: <run_dir>/usage_heatmaps/step_N.png and W&B
 
     def __post_init__(self) -> None:
         _require(

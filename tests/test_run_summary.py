@@ -47,7 +47,7 @@ def test_a_run_shorter_than_val_check_interval_lists_only_the_checkpoints_it_wro
     train_in_process(TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2"], tmp_path)
     summary = (tmp_path / "summary.txt").read_text()
     assert not (tmp_path / "checkpoints" / "best.ckpt").exists() and "best.ckpt" not in summary
-    assert f"checkpoints: {tmp_path / 'checkpoints'}/ (last.ckpt)" in summary
+    assert f"checkpoints: {tmp_path / 'checkpoints'}/ (last.ckpt: " in summary
     generate = next(line for line in summary.splitlines() if "generate:" in line).split("python scripts/generate.py ")[1]
     result = script_main("generate", [*shlex.split(generate), "--max-new-tokens", "2"])
     assert result.returncode == 0, result.stderr[-2000:]

@@ -225,4 +225,5 @@ def usage_heatmap(checkpoint: Path, run: RunConfig, out_path: Path) -> None:
     model = load_model(checkpoint)
     windows = torch.cat([x for x, _ in validation_batches(run, model.config.block_size, HEATMAP_WINDOWS)])
     report = routing_report(model, windows)
-    out_path.write_bytes(usage_heatmap_png([layer["expert_share"] for layer in report["moe_layers"]]))
+    title = f"expert usage of {out_path.stem.removeprefix('usage_')} (best checkpoint, validation text)"
+    out_path.write_bytes(usage_heatmap_png([layer["expert_share"] for layer in report["moe_layers"]], title))

@@ -16,12 +16,14 @@ CURVES_FILE = "curves.png"
 SUMMARY_FILE = "summary.txt"
 
 
-def summary_text(metrics: dict[str, Any], run_dir: Path, logger_kind: str) -> str:
-    """A dozen lines: where the run is, how it ended, how fast it trained, and what to run next."""
+def summary_text(metrics: dict[str, Any], run_dir: Path, logger_kind: str, weights_only: bool = False) -> str:
+    """A dozen lines: where the run is, how it ended, how fast it trained, what it wrote, and what to run next."""
     folder = shlex.quote(str(run_dir))
     checkpoints = run_dir / "checkpoints"
     # best.ckpt follows validation during training: a run shorter than val_check_interval has none.
     saved = [name for name in ("best.ckpt", "last.ckpt") if (checkpoints / name).is_file()]
+    sizes = f": {_megabytes(sum((checkpoints / name).stat().st_size for name in saved))}" if saved else ""
+    kept = "weights only" if weights_only else "with AdamW's state; checkpoint.save_weights_only=true keeps a third"
     lines = [
         f"run finished: {run_dir}",
         f"  {metrics['steps']} steps, {metrics['train_tokens']:,} training tokens, {_duration(metrics['wall_time_s'])}",
@@ -29,15 +31,29 @@ def summary_text(metrics: dict[str, Any], run_dir: Path, logger_kind: str) -> st
         f"best {_number(metrics.get('best_val_loss'))}",
         f"  {_number(metrics['tokens_per_sec'], 0, thousands=True)} tokens/s (training only), "
         f"MFU {_mfu(metrics.get('mfu'))}",
-        f"  checkpoints: {checkpoints}/ ({', '.join(saved) or 'none written'})",
+        f"  checkpoints: {checkpoints}/ ({', '.join(saved) or 'none written'}{sizes}, {kept})",
+        f"  disk: {_megabytes(_folder_bytes(run_dir))} in {run_dir}",
         f"  logs: {_logs(run_dir, logger_kind)}",
         f"  loss curves: {run_dir / CURVES_FILE}",
     ]
     if saved:
         checkpoint = shlex.quote(str(checkpoints / saved[0]))
         lines.append(f"  generate: python scripts/generate.py --checkpoint {checkpoint} --prompt 'def '")
-    lines.append(f"  continue: python train.py hydra.run.dir={folder} resume=last trainer.max_steps={2 * metrics['steps']}")
+    if weights_only and saved:  # no optimizer state to continue from: a new run starts from the weights
+        lines.append(f"  start from it: python train.py init_from={shlex.quote(str(checkpoints / saved[0]))}")
+    elif not weights_only:
+        lines.append(
+            f"  continue: python train.py hydra.run.dir={folder} resume=last trainer.max_steps={2 * metrics['steps']}"
+        )
     return "\n".join(lines)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
 
 
 def _logs(run_dir: Path, logger_kind: str) -> str:

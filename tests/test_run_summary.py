@@ -13,7 +13,7 @@ from moe_gpt.data import tokens
 from moe_gpt.training import run
 from moe_gpt.training.clock import TrainingClock
 from moe_gpt.training.run import run_callbacks
-from moe_gpt.training.summary import summary_text
+from moe_gpt.training.summary import COMPARISON_ENV, summary_text
 from tests.helpers import TINY, assert_drawn_plot, csv_column, script_main, train_in_process, train_main
 
 
@@ -132,6 +132,15 @@ def test_summary_names_every_logger_and_formats_missing_values():
     assert "wandb sync /runs/a/wandb/offline-run-*" in text
     assert "/runs/a/csv/metrics.csv" in summary_text(metrics, Path("/runs/a"), "csv")
     assert all(len(line) <= 120 for line in text.splitlines())
+
+
+def test_a_run_of_a_comparison_is_told_to_continue_with_its_comparisons_command(monkeypatch):
+    metrics = {"steps": 10, "train_tokens": 1, "wall_time_s": 1, "val_loss": 3.5, "val_ppl": 33.1, "tokens_per_sec": 1}
+    assert "continue: python train.py hydra.run.dir=/runs/a resume=last" in summary_text(metrics, Path("/runs/a"), "csv")
+    monkeypatch.setenv(COMPARISON_ENV, "python scripts/compare.py --out outputs/compare/x")
+    text = summary_text(metrics, Path("/runs/a"), "csv")
+    assert "continue: python scripts/compare.py --out outputs/compare/x (run it again" in text
+    assert "python train.py" not in text
 
 
 @pytest.mark.parametrize("max_steps,extra_pass", [(6, False), (7, True)])

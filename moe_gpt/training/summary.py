@@ -6,6 +6,7 @@ included): the summary is printed and saved as ``summary.txt``, the picture as `
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Any, Optional
@@ -14,6 +15,7 @@ from moe_gpt.reporting import MFU_FORMAT, plot
 
 CURVES_FILE = "curves.png"
 SUMMARY_FILE = "summary.txt"
+COMPARISON_ENV = "MOE_GPT_COMPARISON"  # set by compare.py for its runs: the command that resumes them
 
 
 def summary_text(metrics: dict[str, Any], run_dir: Path, logger_kind: str, weights_only: bool = False) -> str:
@@ -39,7 +41,10 @@ def summary_text(metrics: dict[str, Any], run_dir: Path, logger_kind: str, weigh
     if saved:
         checkpoint = shlex.quote(str(checkpoints / saved[0]))
         lines.append(f"  generate: python scripts/generate.py --checkpoint {checkpoint} --prompt 'def '")
-    if weights_only and saved:  # no optimizer state to continue from: a new run starts from the weights
+    comparison = os.environ.get(COMPARISON_ENV)
+    if comparison:  # a run of compare.py, which resumes its own runs; train.py's resume=last would not tell it
+        lines.append(f"  continue: {comparison} (run it again: unfinished runs resume, finished ones are kept)")
+    elif weights_only and saved:  # no optimizer state to continue from: a new run starts from the weights
         lines.append(f"  start from it: python train.py init_from={shlex.quote(str(checkpoints / saved[0]))}")
     elif not weights_only:
         lines.append(

@@ -22,7 +22,7 @@ from moe_gpt.model.analysis import (
 )
 from moe_gpt.weights.safe_load import load_model
 from moe_gpt.compose import compose_run_config
-from moe_gpt.config import ConfigError, config_warnings, project_path
+from moe_gpt.config import ConfigError, project_path, run_warnings
 from moe_gpt.data import load_gpt2_tokenizer
 from moe_gpt.model.intermediate import to_jsonable
 from moe_gpt.cli.common import ArgumentParser, entry_point
@@ -40,7 +40,7 @@ def analyze_config(args: argparse.Namespace) -> None:
             "precision": run.trainer.precision,
             **memory_estimate(run.model, batch_size, run.trainer.precision),
         },
-        "warnings": config_warnings(run.model),
+        "warnings": run_warnings(run),
         "advice": recommended_settings(run.model),
     }
     print(json.dumps(report, indent=2))

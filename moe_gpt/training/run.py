@@ -130,7 +130,7 @@ def _train_in_claimed_dir(
     metrics["best_val_loss"] = float(best.best_model_score) if best.best_model_score is not None else None
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
-        write_curves_png(run_dir / CURVES_FILE, history.train, history.val)
+        write_curves_png(run_dir / CURVES_FILE, history.train, history.val, f"loss curves of {run_dir.name}")
         summary = summary_text(metrics, run_dir, cfg.logger.kind, cfg.checkpoint.save_weights_only)
         (run_dir / SUMMARY_FILE).write_text(summary + "\n")
         print(summary, flush=True)
@@ -224,6 +224,7 @@ def summarize(
         "corpus": cfg.data.name,
         "corpus_train_tokens": datamodule.train_tokens,
         "val_history": history.val,
+        "train_history": history.train,
     }
 
 

@@ -11,9 +11,10 @@ import shlex
 from pathlib import Path
 from typing import Any, Optional
 
-from moe_gpt.reporting import MFU_FORMAT, plot
+from moe_gpt.reporting import MFU_FORMAT, curves_figure, save_figure
 
 CURVES_FILE = "curves.png"
+SMOOTHING = 0.8  # the training loss's exponential moving average keeps this much of the previous value
 SUMMARY_FILE = "summary.txt"
 COMPARISON_ENV = "MOE_GPT_COMPARISON"  # set by compare.py for its runs: the command that resumes them
 
@@ -85,8 +86,30 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
-def write_curves_png(path: Path, train_history: list[dict], val_history: list[dict]) -> None:
-    """Training and validation loss against training tokens."""
-    with plot(path, "training tokens", "loss (nats per token)") as ax:
-        ax.plot([h["tokens"] for h in train_history], [h["loss"] for h in train_history], label="train (total loss)")
-        ax.plot([h["tokens"] for h in val_history], [h["val_loss"] for h in val_history], "o-", label="validation")
+def write_curves_png(path: Path, train_history: list[dict], val_history: list[dict], title: str) -> None:
+    save_figure(curves_png_figure(train_history, val_history, title), path)
+
+
+def curves_png_figure(train_history: list[dict], val_history: list[dict], title: str):
+    """Training loss (each logged step faintly, smoothed boldly; from step 0, before any update) and validation
+    loss against training tokens: the whole run, and its second half zoomed."""
+    tokens, losses = [h["tokens"] for h in train_history], [h["loss"] for h in train_history]
+
+    def draw(ax) -> None:
+        ax.plot(tokens, losses, color="C0", alpha=0.3, linewidth=0.8)
+        ax.plot(tokens, smoothed(losses), color="C0", label="train (total loss, smoothed)")
+        ax.plot([h["tokens"] for h in val_history], [h["val_loss"] for h in val_history], "o-", color="C1",
+                label="validation")  # fmt: skip
+
+    return curves_figure(draw, "training tokens", "loss (nats per token)", title, tokens_axis=True)
+
+
+def smoothed(values: list[float]) -> list[float]:
+    """An exponential moving average (``SMOOTHING``), divided by its weights so far so the first points are
+    not pulled towards 0 (TensorBoard's smoothing)."""
+    average, weight, result = 0.0, 0.0, []
+    for value in values:
+        average = SMOOTHING * average + (1 - SMOOTHING) * value
+        weight = SMOOTHING * weight + (1 - SMOOTHING)
+        result.append(average / weight)
+    return result

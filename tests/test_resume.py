@@ -74,7 +74,7 @@ def assert_same_run(expected: Path, actual: Path) -> None:
     weights, resumed = last_checkpoint(expected)["state_dict"], last_checkpoint(actual)["state_dict"]
     assert weights.keys() == resumed.keys()
     assert all(torch.equal(weights[key], resumed[key]) for key in weights), "weights differ"
-    for column in ("train/loss", "val/loss", "lr-AdamW"):
+    for column in ("train/loss", "val/loss", "lr/with_weight_decay"):
         assert csv_column(actual, column) == csv_column(expected, column), column
     metrics, resumed_metrics = (json.loads((d / "metrics.json").read_text()) for d in (expected, actual))
     assert resumed_metrics["train_tokens"] == metrics["train_tokens"] == 10 * 2 * 4 * 32

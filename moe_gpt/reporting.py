@@ -108,10 +108,12 @@ def curves_figure(draw: Callable[[Any], None], xlabel: str, ylabel: str, title: 
 
 
 def zoom_on_the_end(ax) -> None:
-    """Limit ``ax`` to x >= ZOOM_FROM of its largest x, and its y axis to what its lines and bands hold there."""
+    """Limit ``ax`` to x >= ZOOM_FROM of its largest x, and its y axis to what its lines and bands hold there
+    (faint lines, alpha below 0.5, are context: their noise does not set the scale)."""
     import numpy as np
 
-    points = [np.column_stack([line.get_xdata(), line.get_ydata()]) for line in ax.get_lines()]
+    lines = [line for line in ax.get_lines() if (line.get_alpha() or 1.0) >= 0.5]
+    points = [np.column_stack([line.get_xdata(), line.get_ydata()]) for line in lines]
     points += [path.vertices for band in ax.collections for path in band.get_paths()]
     points = np.concatenate([p.astype(float) for p in points if len(p)]) if points else np.empty((0, 2))
     if not len(points):

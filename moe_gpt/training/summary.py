@@ -14,7 +14,7 @@ from typing import Any, Optional
 from moe_gpt.reporting import MFU_FORMAT, curves_figure, save_figure
 
 CURVES_FILE = "curves.png"
-SMOOTHING = 0.8  # the training loss's exponential moving average keeps this much of the previous value
+SMOOTHING_HALF_WINDOW = 4  # the smoothed training loss averages each logged point with up to 4 on each side
 SUMMARY_FILE = "summary.txt"
 COMPARISON_ENV = "MOE_GPT_COMPARISON"  # set by compare.py for its runs: the command that resumes them
 
@@ -105,11 +105,10 @@ def curves_png_figure(train_history: list[dict], val_history: list[dict], title:
 
 
 def smoothed(values: list[float]) -> list[float]:
-    """An exponential moving average (``SMOOTHING``), divided by its weights so far so the first points are
-    not pulled towards 0 (TensorBoard's smoothing)."""
-    average, weight, result = 0.0, 0.0, []
-    for value in values:
-        average = SMOOTHING * average + (1 - SMOOTHING) * value
-        weight = SMOOTHING * weight + (1 - SMOOTHING)
-        result.append(average / weight)
-    return result
+    """A centred moving average (``SMOOTHING_HALF_WINDOW`` points each side, fewer at the ends): drawn after the
+    run, it can look ahead, so unlike a running average it does not lag behind the first steep drop."""
+    half = SMOOTHING_HALF_WINDOW
+    return [
+        sum(window) / len(window)
+        for window in (values[max(0, i - half) : i + half + 1] for i in range(len(values)))
+    ]

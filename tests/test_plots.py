@@ -33,7 +33,8 @@ def test_comparison_curves_are_titled_and_zoomed_on_the_second_half_where_varian
         {"variant": "moe-8-2", "status": "ok", "val_history": val_history([10.8, 4.9, 4.08, 4.00, 3.97])},
         {"variant": "moe-8-2", "status": "ok", "val_history": val_history([10.8, 4.9, 4.07, 3.99, 3.96])},
     ]
-    figure = curves_figure(lambda ax: draw_variants(ax, rows, "tokens"), "training tokens", "val loss", "tokens: val loss", tokens_axis=True)
+    draw = lambda ax: draw_variants(ax, rows, "tokens")  # noqa: E731
+    figure = curves_figure(draw, "training tokens", "val loss", "tokens: val loss", tokens_axis=True)
     closing(figure)
     whole, end = figure.axes
     assert figure._suptitle.get_text() == "tokens: val loss" and whole.get_title() and end.get_title()

@@ -184,7 +184,9 @@ class ProgressLog(Callback):
             return
         point = self.history.val[-1]
         best = min(entry["val_loss"] for entry in self.history.val)
-        progress_log.info("step %d/%d  val loss %.3f (best %.3f)", point["step"], trainer.max_steps, point["val_loss"], best)
+        progress_log.info(
+            "step %d/%d  val loss %.3f (best %.3f)", point["step"], trainer.max_steps, point["val_loss"], best
+        )
 
     def _time_left(self, step: int, max_steps: int) -> Optional[str]:
         """This session's seconds per step so far (validations included) times the steps left."""

@@ -42,7 +42,8 @@ class LossHistory(Callback):
         if self._initial_loss is not None:
             self.train.append({"step": 0, "tokens": 0, "loss": self._averaged(trainer, self._initial_loss)})
             self._initial_loss = None
-        self.train.append({"step": step, "tokens": pl_module.tokens_seen, "loss": self._averaged(trainer, outputs["loss"])})
+        loss = self._averaged(trainer, outputs["loss"])
+        self.train.append({"step": step, "tokens": pl_module.tokens_seen, "loss": loss})
 
     @staticmethod
     def _averaged(trainer: L.Trainer, loss: torch.Tensor) -> float:

@@ -169,9 +169,11 @@ class GPTLightningModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         # The names label the logged learning rates: lr/with_weight_decay, lr/without_weight_decay.
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "name": "with_weight_decay"},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "name": "without_weight_decay"},
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+        for group, name in zip(groups, ("with_weight_decay", "without_weight_decay")):
+            group["name"] = name
         # Fused on every device: one kernel for all parameters, its step count on the device, and an update
         # skipped there when found_inf is set (divergence.py).
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)

@@ -89,7 +89,10 @@ def collect_rows(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
 
 
 def cells(columns: list[str], row: dict[str, Any]) -> list[str]:
-    return [cell(row[column], CELL_FORMATS[column]) if column in CELL_FORMATS else cell(short(row[column])) for column in columns]
+    return [
+        cell(row[column], CELL_FORMATS[column]) if column in CELL_FORMATS else cell(short(row[column]))
+        for column in columns
+    ]
 
 
 def short(value: Any) -> Any:

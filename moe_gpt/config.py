@@ -216,21 +216,25 @@ class GPTConfig:
         return sum(self.is_moe_layer(i) for i in range(self.n_layer))
 
 
+# Below this many token-slots per expert and optimizer step (on average, per process) an expert's gradient
+# comes from a handful of tokens.
+MIN_SLOTS_PER_EXPERT = 32
+
+
 def config_warnings(config: GPTConfig) -> list[str]:
-    """Settings that run but are probably not what the user wants."""
+    """Settings of the model that run but are probably not what the user wants, each saying what to change."""
     if not config.use_moe:
         return []
     moe, warnings = config.moe, []
     if moe.num_experts < 2:
-        warnings.append("model.moe.num_experts=1: an MoE layer with one expert is a dense FFN with a router")
+        warnings.append(
+            "model.moe.num_experts=1: an MoE layer with one expert is a dense FFN with a router; use model=dense "
+            "or more experts"
+        )
     if moe.top_k == moe.num_experts and moe.num_experts > 1:
         warnings.append(
-            f"model.moe.top_k={moe.top_k} equals num_experts: every token uses every expert, so nothing is sparse"
-        )
-    if config.n_embd < 512 and moe.num_experts > 8:
-        warnings.append(
-            f"model.moe.num_experts={moe.num_experts} on a small model (n_embd={config.n_embd} < 512): "
-            "experts may receive too few tokens each to specialise"
+            f"model.moe.top_k={moe.top_k} equals num_experts: every token uses every expert, so nothing is sparse; "
+            "lower model.moe.top_k"
         )
     return warnings
 
@@ -241,9 +245,25 @@ def run_warnings(cfg: RunConfig) -> list[str]:
     if cfg.optim.warmup_steps > cfg.trainer.max_steps:
         warnings.append(
             f"optim.warmup_steps={cfg.optim.warmup_steps} is longer than trainer.max_steps={cfg.trainer.max_steps}: "
-            "the learning rate never reaches optim.lr"
+            f"the learning rate never reaches optim.lr; set optim.warmup_steps={max(1, cfg.trainer.max_steps // 5)} "
+            "(a fifth of the run, as in the default run)"
+        )
+    slots = slots_per_expert(cfg)
+    if cfg.model.use_moe and slots < MIN_SLOTS_PER_EXPERT:
+        moe = cfg.model.moe
+        warnings.append(
+            f"model.moe.num_experts={moe.num_experts} with top_k={moe.top_k}: each expert gets {slots:.0f} "
+            f"token-slots per optimizer step on average (fewer than {MIN_SLOTS_PER_EXPERT}), too few to learn from; "
+            "raise data.batch_size or trainer.accumulate_grad_batches, or lower model.moe.num_experts"
         )
     return warnings
+
+
+def slots_per_expert(cfg: RunConfig) -> float:
+    """Token-slots (token x chosen expert) each expert of an MoE layer gets per optimizer step, on average,
+    in one process."""
+    tokens = cfg.data.batch_size * cfg.model.block_size * cfg.trainer.accumulate_grad_batches
+    return tokens * cfg.model.moe.top_k / cfg.model.moe.num_experts
 
 
 @dataclass
@@ -410,6 +430,9 @@ class CheckpointConfig:
     """When ``checkpoints/last.ckpt`` is written; ``best.ckpt`` follows validation."""
 
     every_n_steps: int = 100  # optimizer steps between last.ckpt writes (also written at the end and on SIGTERM/SIGINT)
+    # true: best.ckpt and last.ckpt hold the weights without AdamW's state (about a third of the size); such a run
+    # cannot be continued with resume=last, except after a stop signal, whose last.ckpt is always complete
+    save_weights_only: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(**{"checkpoint.every_n_steps": self.every_n_steps})
@@ -424,7 +447,7 @@ class LoggerConfig:
     mode: str = "offline"  # offline (no account needed; `wandb sync` later) | online (needs `wandb login`)
     group: Optional[str] = None  # W&B group, e.g. one sweep or comparison
     expert_stats_every_n_steps: int = 10  # per-layer expert usage, entropy, max-load violation
-    heatmap_every_n_steps: int = 50  # layer x expert usage image (W&B only)
+    heatmap_every_n_steps: int = 50  # layer x expert usage image: <run_dir>/usage_heatmaps/step_N.png and W&B
 
     def __post_init__(self) -> None:
         _require(

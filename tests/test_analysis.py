@@ -1,6 +1,7 @@
 """Costs of a config and routing reports, checked against the model itself."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -195,6 +196,17 @@ def test_analyze_routing_cli_reports_a_checkpoint(tiny_moe_checkpoint):
     report = json.loads(result.stdout)
     assert len(report["moe_layers"]) == 2
     assert set(report["moe_layers"][0]["intermediate"]) >= {"gate_scores", "top_k_indices", "expert_usage"}
+
+
+def test_analyze_routing_cli_prints_a_table_in_three_decimals_and_json_on_request(tiny_moe_checkpoint):
+    args = ["routing", "--checkpoint", str(tiny_moe_checkpoint), "--text", "def main():\n    return 0\n"]
+    table = script_main("analyze", args)
+    assert table.returncode == 0, table.stderr[-2000:]
+    lines = table.stdout.splitlines()
+    assert lines[2].startswith("| block | experts/token |") and len(lines) == 2 + 2 + 2  # 2 MoE blocks
+    assert not re.search(r"\d\.\d{4}", table.stdout)  # no 0.1666666716337204
+    report = json.loads(script_main("analyze", [*args, "--json"]).stdout)
+    assert f"{report['moe_layers'][1]['expert_share'][0]:.3f}" in lines[-1]
 
 
 def test_analyze_routing_cli_missing_checkpoint_is_one_line(tmp_path):

@@ -147,13 +147,22 @@ def test_tiny_comparison_writes_report_table_and_plots(tmp_path, corpus_override
 def test_a_variant_that_diverges_is_reported_with_the_reason_train_py_recorded(tmp_path, corpus_overrides, capsys):
     out = tmp_path / "report"
     variants = "dense,moe:4:2:z_loss_coef=1e300"  # an infinite training loss at the first step
-    code, _, stderr = run_compare(capsys, out, "--variants", variants, *TINY, *corpus_overrides, "logger=none")
+    code, stdout, stderr = run_compare(capsys, out, "--variants", variants, *TINY, *corpus_overrides, "logger=none")
     assert code == 0, stderr[-3000:]  # a failed variant is a row of the report, not a crash
     rows = report_rows(out)
     assert [(r["variant"], r["status"]) for r in rows] == [("dense", "ok"), ("moe-4-2-z_loss_coef-1e300", "failed")]
     failure = out / "tokens" / "moe-4-2-z_loss_coef-1e300" / "seed-1337" / "failure.json"
     recorded = json.loads(failure.read_text())["reason"]
     assert recorded.startswith("training diverged") and recorded in (out / "report.md").read_text()
+    # Two lines per run on the console (started, and finished or failed); each run's own output in its folder.
+    dense = out / "tokens" / "dense" / "seed-1337"
+    console = stdout[: stdout.index("## ")].splitlines() if "## " in stdout else stdout.splitlines()
+    runs = [line for line in console if line.startswith("[compare] ")]
+    assert len(runs) == 4 and runs[1].startswith(f"[compare] finished {dense}: val loss ")
+    assert runs[3].startswith(f"[compare] failed {failure.parent}: Diverged: training diverged")
+    assert "run finished" not in stdout + stderr and "Trainable params" not in stdout + stderr
+    assert "run finished" in (dense / "output.log").read_text()
+    assert f"continue: python scripts/compare.py --out {out} " in (dense / "summary.txt").read_text()
 
 
 @pytest.mark.slow

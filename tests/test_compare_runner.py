@@ -52,6 +52,20 @@ def test_a_finished_run_is_kept_without_starting_train_py(tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"[compare] keeping {run.run_dir}")
 
 
+def test_a_run_prints_one_line_when_it_starts_and_one_with_its_reason_when_it_fails_and_keeps_its_output(
+    tmp_path, capsys
+):
+    run = plan_run(tmp_path, Budget("tokens"), DENSE, 1, ["model/size=nosuch"], None)  # refused by Hydra at once
+    outcome = train(run)
+    assert outcome["status"] == "failed" and "nosuch" in outcome["reason"]
+    output = run.run_dir / "output.log"
+    started, ended = capsys.readouterr().out.splitlines()  # nothing else: train.py's output went to the file
+    assert started.startswith(f"[compare] train {run.run_dir}: ")
+    assert ended == f"[compare] failed {run.run_dir}: {outcome['reason']} (its output: {output})"
+    assert outcome["reason"] in output.read_text()
+    assert [path.name for path in tmp_path.rglob("*output.log")] == ["output.log"]  # no file left beside the folder
+
+
 def test_an_attempt_stopped_before_its_first_checkpoint_is_moved_aside_not_overwritten(tmp_path, capsys):
     run_dir = dense_run(tmp_path).run_dir
     assert set_aside_an_earlier_attempt(run_dir) is None  # nothing there yet
@@ -95,7 +109,7 @@ def test_a_stop_signal_during_a_run_is_passed_on_to_it_and_raised_again(tmp_path
     start = time.monotonic()
     threading.Thread(target=signal_this_process_once_the_child_listens, daemon=True).start()
     with stop_signals_raise(), pytest.raises(Interrupted) as stop:
-        run_passing_signals_on([sys.executable, "-c", CHILD, str(stopped), str(ready)])
+        run_passing_signals_on([sys.executable, "-c", CHILD, str(stopped), str(ready)], tmp_path / "output.log")
     assert stop.value.signum == signal.SIGTERM and stop.value.exit_code == 143
     assert stopped.read_text() == "stopped"  # the child got the signal and ended before it returned
     assert time.monotonic() - start < 30  # not the child's 60 s sleep

@@ -83,11 +83,15 @@ def test_valid_edge_values_are_kept_as_given():
     assert [TrainerConfig(num_sanity_val_steps=n).num_sanity_val_steps for n in (-1, 0, 2)] == [-1, 0, 2]
 
 
-def test_warnings_for_top_k_equal_to_experts_and_many_experts_on_small_model():
+def test_warnings_for_top_k_equal_to_experts_and_too_few_tokens_per_expert():
     assert any("top_k=4" in w for w in config_warnings(GPTConfig(use_moe=True, moe=MoEConfig(num_experts=4, top_k=4))))
+    # 4 x 32 tokens x top-1 over 8 experts: 16 token-slots each per step; 4 x 64 x 1 / 8 = 32 is enough.
+    tiny = ["data.batch_size=4", "model.block_size=32", "model.moe.num_experts=8", "model.moe.top_k=1"]
     assert any(
-        "small model" in w for w in config_warnings(GPTConfig(n_embd=256, use_moe=True, moe=MoEConfig(num_experts=16)))
+        "each expert gets 16 token-slots" in w and "raise data.batch_size" in w
+        for w in run_warnings(compose_run_config(tiny))
     )
+    assert run_warnings(compose_run_config([*tiny, "trainer.accumulate_grad_batches=2"])) == []
     assert any(
         "one expert" in w for w in config_warnings(GPTConfig(use_moe=True, moe=MoEConfig(num_experts=1, top_k=1)))
     )
@@ -104,7 +108,10 @@ def test_device_settings_lightning_accepts_are_passed_to_it_unchanged():
 
 def test_warmup_longer_than_training_is_a_warning():
     run = compose_run_config(["trainer.max_steps=10", "optim.warmup_steps=50"])
-    assert any("optim.warmup_steps=50 is longer than trainer.max_steps=10" in w for w in run_warnings(run))
+    assert any(
+        "optim.warmup_steps=50 is longer than trainer.max_steps=10" in w and "set optim.warmup_steps=2" in w
+        for w in run_warnings(run)
+    )
     assert not any("warmup" in w for w in run_warnings(compose_run_config(["trainer.max_steps=100"])))
 
 

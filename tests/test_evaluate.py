@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 
 from moe_gpt.compare.lm_eval_model import MoeGptLM
 from moe_gpt.config import OptimConfig
-from moe_gpt.data import load_gpt2_tokenizer
 from moe_gpt.data.datamodule import TokenWindows
 from moe_gpt.data.tokenizer import ENDOFTEXT, ENDOFTEXT_ID
 from moe_gpt.data.tokens import TOKEN_DTYPE

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from moe_gpt.config import GPTConfig, MoEConfig
-from moe_gpt.training.expert_usage import usage_heatmap_png, usage_stats
+from moe_gpt.training.expert_usage import HEATMAP_DIR, draw_usage_heatmap, usage_heatmap_png, usage_stats
 from moe_gpt.model.moe import MoELayer
-from tests.helpers import TINY, csv_column, train_main
+from tests.helpers import TINY, assert_drawn_plot, csv_column, train_main
 
 
 def layer_with_counts(counts: list[float]) -> MoELayer:
@@ -50,12 +50,13 @@ def test_the_heatmap_draws_each_share_in_its_layers_row_and_experts_column():
     # The default model's 4 MoE layers x 8 experts; one hot cell (layer 2, expert 5) among equal shares.
     shares = [[0.05] * 8 for _ in range(4)]
     shares[2][5] = 0.65
-    image = np.asarray(Image.open(io.BytesIO(usage_heatmap_png(shares))))
-    viridis = matplotlib.colormaps["viridis"]
-    hot_rows, hot_columns = pixels_of_colour(image, np.array(viridis(1.0, bytes=True)))  # the largest share
+    image = np.asarray(Image.open(io.BytesIO(usage_heatmap_png(shares, "title"))))
+    colours = matplotlib.colormaps["coolwarm"]
+    scale = matplotlib.colors.TwoSlopeNorm(1 / 8, vmin=0.0, vmax=0.65)  # white at the balanced share 1/8
+    hot_rows, hot_columns = pixels_of_colour(image, np.array(colours(1.0, bytes=True)))  # the largest share
     # The median skips the colour bar's few pixels of the same colour.
     hot_y, hot_x = int(np.median(hot_rows)), int(np.median(hot_columns))
-    cold_rows, cold_columns = pixels_of_colour(image, np.array(viridis(0.05 / 0.65, bytes=True)))
+    cold_rows, cold_columns = pixels_of_colour(image, np.array(colours(scale(0.05), bytes=True)))
     # Along the hot cell's row and column the cold cells span the whole heatmap, the hot one excepted.
     row_span = cold_columns[cold_rows == hot_y]
     column_span = cold_rows[cold_columns == hot_x]
@@ -63,6 +64,30 @@ def test_the_heatmap_draws_each_share_in_its_layers_row_and_experts_column():
     layer = (hot_y - column_span.min()) / (column_span.max() - column_span.min()) * 4
     assert (int(layer), int(expert)) == (2, 5)
     assert len(hot_rows) == pytest.approx(len(cold_rows) / 31, rel=0.2)  # one cell's area against 31 cells'
+
+
+def test_the_heatmap_has_a_title_and_marks_the_balanced_share_one_over_e():
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots()
+    try:
+        draw_usage_heatmap(ax, [[0.5, 0.3, 0.1, 0.1], [0.25] * 4], "expert usage at step 50")
+        assert ax.get_title() == "expert usage at step 50"
+        bar = ax.images[0].colorbar
+        assert "1/E = 0.25" in [label.get_text() for label in bar.ax.get_yticklabels()]
+        assert [line.get_ydata()[0] for line in bar.ax.lines] == [0.25]  # the balanced share, drawn across the bar
+        assert ax.images[0].norm(0.25) == 0.5  # the middle (white) of the colour map
+    finally:
+        plt.close(figure)
+
+
+@pytest.mark.parametrize("fixture", ["finished_moe_run", "tiny_moe_checkpoint"])  # logger=csv, logger=none
+def test_a_run_leaves_its_usage_heatmaps_in_its_folder_with_any_logger(fixture, request):
+    run_dir = request.getfixturevalue(fixture)
+    run_dir = run_dir if run_dir.is_dir() else run_dir.parents[1]  # a checkpoint's run folder
+    heatmaps = sorted((run_dir / HEATMAP_DIR).iterdir())
+    assert [path.name for path in heatmaps] == ["step_000002.png"]  # TINY: every 2 steps; the runs end at 3 and 2
+    assert_drawn_plot(heatmaps[0])
 
 
 def test_a_run_resumed_between_two_usage_logs_logs_the_usage_of_the_run_left_alone(tmp_path, corpus_overrides):

@@ -235,7 +235,7 @@ def test_an_fsdp_run_killed_with_sigkill_resumes_into_the_same_run(tmp_path, cor
     weights, expected = (last_weights(d) for d in (run_dir, tmp_path / "uninterrupted"))
     assert weights.keys() == expected.keys() and any(key.endswith("selection_bias") for key in weights)
     assert all(torch.equal(weights[key], expected[key]) for key in weights), "weights differ"
-    for column in ("train/loss", "val/loss", "lr-AdamW", SHARE, "moe/layer0/expert0_bias"):
+    for column in ("train/loss", "val/loss", "lr/with_weight_decay", SHARE, "moe/layer0/expert0_bias"):
         assert csv_column(run_dir, column) == csv_column(tmp_path / "uninterrupted", column), column
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train_tokens"] == uninterrupted["train_tokens"] == 8 * 2 * 4 * 32

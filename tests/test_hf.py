@@ -180,12 +180,16 @@ def test_export_refuses_a_non_empty_directory_unless_overwrite(tmp_path):
     assert (tmp_path / "config.json").is_file() and (tmp_path / "notes.txt").read_text() == "keep me"
 
 
-def test_export_cli_writes_a_trained_checkpoint_that_transformers_loads(
-    tiny_checkpoint, load_script, tmp_path, capsys
+def test_export_cli_writes_a_trained_checkpoint_and_tokenizer_that_transformers_load(
+    tiny_checkpoint, load_script, tmp_path, capsys, gpt2
 ):
     cli = load_script("export_hf")
     assert cli.main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "hf")]) == 0
     hf_model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
     assert hf_model.config.n_positions == 32 and hf_model.config.vocab_size == GPT2_VOCAB
+    from transformers import AutoTokenizer
+
+    text = "def main():\n    return {'ü': 1}  <|endoftext|>"
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == gpt2.encode(text, allowed_special="all")
     assert cli.main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "hf")]) == 2
     assert "is not empty" in capsys.readouterr().err

@@ -31,3 +31,9 @@ def test_a_checkpoint_with_a_non_finite_weight_is_refused():
         _refuse_non_finite_weights(state, 7)
     assert stopped.value.step == 7
     _refuse_non_finite_weights({"a": torch.ones(3), "step": torch.tensor(5)}, 7)  # finite: saved
+
+
+def test_the_logged_learning_rates_are_named_after_their_parameter_groups(finished_moe_run):
+    header = (finished_moe_run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"lr/with_weight_decay", "lr/without_weight_decay"} <= set(header)
+    assert not any("pg1" in column or "lr-AdamW" in column for column in header)

@@ -1,7 +1,6 @@
 """The MoE layer under CPU autocast (bf16 and fp16): every expert path against its own float32 result,
 and real Lightning training runs in bf16-mixed and 16-mixed."""
 
-import math
 
 import lightning as L
 import pytest

@@ -78,7 +78,7 @@ def assert_same_run(expected: Path, actual: Path) -> None:
     weights, resumed = last_checkpoint(expected)["state_dict"], last_checkpoint(actual)["state_dict"]
     assert weights.keys() == resumed.keys() and any(key.endswith("selection_bias") for key in weights)
     assert all(torch.equal(weights[key], resumed[key]) for key in weights), "weights or selection biases differ"
-    for column in ("train/loss", "val/loss", "lr-AdamW"):
+    for column in ("train/loss", "val/loss", "lr/with_weight_decay"):
         assert csv_column(actual, column) == csv_column(expected, column), column
     metrics, resumed_metrics = (json.loads((d / "metrics.json").read_text()) for d in (expected, actual))
     assert resumed_metrics["train_tokens"] == metrics["train_tokens"] == 10 * 2 * 4 * 32
@@ -217,7 +217,7 @@ def test_continuing_a_finished_run_keeps_its_final_validation_row(continued_run)
 
 
 def test_a_resumed_csv_log_replaces_the_rows_a_killed_session_logged_past_its_checkpoint(tmp_path):
-    lr, expert_usage = {"lr-AdamW": 1e-3}, {EXPERT_USAGE: 0.5}
+    lr, expert_usage = {"lr/with_weight_decay": 1e-3}, {EXPERT_USAGE: 0.5}
     before = [(3, lr), (3, {"train/loss": 2.0, "train/epochs": 0.4}), (4, expert_usage)]  # steps 1-4
     # Killed after its checkpoint at step 4: Lightning logs the next batch's rows, and the validation
     # after step 5, at step 4 too.

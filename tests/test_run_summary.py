@@ -13,7 +13,7 @@ from moe_gpt.data import tokens
 from moe_gpt.training import run
 from moe_gpt.training.clock import TrainingClock
 from moe_gpt.training.run import run_callbacks
-from moe_gpt.training.summary import summary_text
+from moe_gpt.training.summary import COMPARISON_ENV, summary_text
 from tests.helpers import TINY, assert_drawn_plot, csv_column, script_main, train_in_process, train_main
 
 
@@ -47,7 +47,7 @@ def test_a_run_shorter_than_val_check_interval_lists_only_the_checkpoints_it_wro
     train_in_process(TINY + corpus_overrides + ["logger=none", "trainer.max_steps=2"], tmp_path)
     summary = (tmp_path / "summary.txt").read_text()
     assert not (tmp_path / "checkpoints" / "best.ckpt").exists() and "best.ckpt" not in summary
-    assert f"checkpoints: {tmp_path / 'checkpoints'}/ (last.ckpt)" in summary
+    assert f"checkpoints: {tmp_path / 'checkpoints'}/ (last.ckpt: " in summary
     generate = next(line for line in summary.splitlines() if "generate:" in line).split("python scripts/generate.py ")[1]
     result = script_main("generate", [*shlex.split(generate), "--max-new-tokens", "2"])
     assert result.returncode == 0, result.stderr[-2000:]
@@ -132,6 +132,15 @@ def test_summary_names_every_logger_and_formats_missing_values():
     assert "wandb sync /runs/a/wandb/offline-run-*" in text
     assert "/runs/a/csv/metrics.csv" in summary_text(metrics, Path("/runs/a"), "csv")
     assert all(len(line) <= 120 for line in text.splitlines())
+
+
+def test_a_run_of_a_comparison_is_told_to_continue_with_its_comparisons_command(monkeypatch):
+    metrics = {"steps": 10, "train_tokens": 1, "wall_time_s": 1, "val_loss": 3.5, "val_ppl": 33.1, "tokens_per_sec": 1}
+    assert "continue: python train.py hydra.run.dir=/runs/a resume=last" in summary_text(metrics, Path("/runs/a"), "csv")
+    monkeypatch.setenv(COMPARISON_ENV, "python scripts/compare.py --out outputs/compare/x")
+    text = summary_text(metrics, Path("/runs/a"), "csv")
+    assert "continue: python scripts/compare.py --out outputs/compare/x (run it again" in text
+    assert "python train.py" not in text
 
 
 @pytest.mark.parametrize("max_steps,extra_pass", [(6, False), (7, True)])

@@ -139,6 +139,13 @@ def test_slurm_launcher_config_extends_the_submitit_schema():
     assert launcher.mem_per_cpu is None  # a schema default, present because slurm.yaml extends it
 
 
+def test_the_summary_table_shows_swept_fractions_in_four_significant_digits():
+    from moe_gpt.training.sweep_summary import cells
+
+    row = {"optim.lr": "0.0012345678901234", "model.moe.activation": "gelu", "data.batch_size": "16"}
+    assert cells(list(row), row) == ["0.001235", "gelu", "16"]
+
+
 def test_summary_of_a_directory_without_jobs_is_a_one_line_error(tmp_path, load_script, capsys):
     assert load_script("summarize_sweep").main([str(tmp_path)]) == 2
     error = capsys.readouterr().err

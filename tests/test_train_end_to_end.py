@@ -40,7 +40,8 @@ def test_moe_run_from_the_cli_writes_metrics_checkpoints_and_an_offline_wandb_ru
         "train/z_loss",
         "train/tokens_per_sec",
         "val/ppl",
-        "lr-AdamW",
+        "lr/with_weight_decay",
+        "lr/without_weight_decay",
     ):
         assert key.encode() in records, key
 

@@ -2,6 +2,7 @@
 
     python scripts/analyze.py config model.moe.num_experts=16 model.moe.top_k=1   # any train.py overrides
     python scripts/analyze.py routing --checkpoint outputs/moe/.../checkpoints/best.ckpt --text "def main():"
+    python scripts/analyze.py routing --checkpoint ... --json                  # the same as JSON, every digit
     python scripts/analyze.py routing --checkpoint ... --text-file notes.txt --intermediate > routing.json
 """
 
@@ -24,9 +25,10 @@ from moe_gpt.model.analysis import (
 from moe_gpt.training.sharding import FSDP, check_expert_parallel
 from moe_gpt.weights.safe_load import load_model
 from moe_gpt.compose import compose_run_config
-from moe_gpt.config import ConfigError, TrainerConfig, config_warnings, project_path
+from moe_gpt.config import ConfigError, TrainerConfig, project_path, run_warnings
 from moe_gpt.data import load_gpt2_tokenizer
 from moe_gpt.model.intermediate import to_jsonable
+from moe_gpt.reporting import markdown_table
 from moe_gpt.cli.common import ArgumentParser, entry_point
 
 
@@ -67,7 +69,7 @@ def analyze_config(args: argparse.Namespace) -> None:
             "precision": run.trainer.precision,
             **memory_estimate(run.model, batch_size, run.trainer.precision, layout),
         },
-        "warnings": config_warnings(run.model),
+        "warnings": run_warnings(run),
         "advice": recommended_settings(run.model),
     }
     print(json.dumps(report, indent=2))
@@ -82,7 +84,24 @@ def analyze_routing(args: argparse.Namespace) -> None:
         raise ConfigError(f"{args.checkpoint} is a dense model: it has no routing to report")
     ids = load_gpt2_tokenizer(project_path(args.tokenizer_dir)).encode_ordinary(text)[: model.config.block_size]
     report = routing_report(model, torch.tensor([ids]), include_intermediate=args.intermediate)
-    print(json.dumps(to_jsonable(report), indent=2))
+    print(json.dumps(to_jsonable(report), indent=2) if args.json or args.intermediate else routing_table(report))
+
+
+def routing_table(report: dict) -> str:
+    """One line per MoE block, in 3 decimals: what a reader compares (the JSON has every digit)."""
+    header = ["block", "experts/token", "dropped", "balance loss", "z-loss", "share of token-slots per expert"]
+    rows = [
+        [
+            str(layer["block"]),
+            f"{layer['experts_per_token']:.3f}",
+            f"{layer['dropped_fraction']:.3f}",
+            f"{layer['switch_balance_loss']:.3f}",
+            f"{layer['z_loss']:.3f}",
+            " ".join(f"{share:.3f}" for share in layer["expert_share"]),
+        ]
+        for layer in report["moe_layers"]
+    ]
+    return f"{report['tokens']} tokens\n\n" + markdown_table(header, rows)
 
 
 @entry_point(runs_model=True)
@@ -98,7 +117,8 @@ def main(argv: list[str]) -> None:
     routing.add_argument("--text", default=None)
     routing.add_argument("--text-file", default=None)
     routing.add_argument("--tokenizer-dir", default="data/tokenizer", help="relative paths count from the project root")
-    routing.add_argument("--intermediate", action="store_true", help="include the full intermediate data")
+    routing.add_argument("--json", action="store_true", help="print JSON (every digit) instead of a table")
+    routing.add_argument("--intermediate", action="store_true", help="include the full intermediate data (JSON)")
     routing.set_defaults(run=analyze_routing)
     args = parser.parse_args(argv)
     args.run(args)

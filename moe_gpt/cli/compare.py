@@ -38,7 +38,7 @@ from moe_gpt.compare.downstream import EvalSettings, cached_scores, eval_setting
 from moe_gpt.compare.held_out import cached_held_out_loss, eval_data_config
 from moe_gpt.compare.plan import STATE_FILE, PlannedRun, load_state, parse_budgets, save_state
 from moe_gpt.compare.report import ReportContext, usage_heatmap, write_report
-from moe_gpt.compare.runner import plan_budget, train
+from moe_gpt.compare.runner import plan_budget, runs_told_their_comparison, train
 from moe_gpt.compare.variants import MATCH_RULES, MATCHING, parse_variants
 from moe_gpt.compose import compose_run_config, merge_overrides, override_key
 from moe_gpt.config import PROJECT_ROOT, CompareConfig, ConfigError, DataConfig, RunConfig, project_path
@@ -117,7 +117,7 @@ def compare(args: argparse.Namespace, command: str) -> None:
         raise ConfigError(f"--out {out_dir} is not empty and holds no comparison ({STATE_FILE}); choose a new folder")
     with folder_lock(
         out_dir, f"another compare.py is writing {out_dir} right now; wait for it or choose another --out"
-    ):
+    ), runs_told_their_comparison(command):
         save_state(out_dir, load_state(out_dir))  # marks the folder as a comparison's
         rows = []
         for budget in budgets:

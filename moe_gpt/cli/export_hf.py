@@ -1,4 +1,5 @@
-"""Export a dense training checkpoint as a Hugging Face GPT-2 (``GPT2LMHeadModel.from_pretrained`` loads it).
+"""Export a dense training checkpoint as a Hugging Face GPT-2 (``GPT2LMHeadModel.from_pretrained`` loads it),
+with GPT-2's tokenizer (``AutoTokenizer.from_pretrained`` loads it).
 
     python scripts/export_hf.py --checkpoint outputs/dense/<run>/checkpoints/best.ckpt --out exports/my-gpt2
     python scripts/export_hf.py --checkpoint path/to/last.ckpt --out exports/my-gpt2 --overwrite
@@ -9,8 +10,11 @@ unless --overwrite is given.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from moe_gpt.config import project_path
 from moe_gpt.weights.safe_load import load_model
-from moe_gpt.weights.hf import export_hf_gpt2
+from moe_gpt.weights.hf import export_hf_gpt2, export_hf_tokenizer
 from moe_gpt.cli.common import ArgumentParser, entry_point
 
 
@@ -20,9 +24,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--checkpoint", required=True, help="a .ckpt from a dense run's checkpoints/ folder")
     parser.add_argument("--out", required=True, help="directory to write config.json and model.safetensors into")
     parser.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")
+    parser.add_argument("--tokenizer-dir", default="data/tokenizer", help="relative paths count from the project root")
     args = parser.parse_args(argv)
-    directory = export_hf_gpt2(load_model(args.checkpoint), args.out, overwrite=args.overwrite)
-    print(f"exported {args.checkpoint} to {directory}")
+    model = load_model(args.checkpoint)
+    directory = export_hf_gpt2(model, args.out, overwrite=args.overwrite)
+    export_hf_tokenizer(Path(project_path(args.tokenizer_dir)), directory, model.config.block_size)
+    print(f"exported {args.checkpoint} and GPT-2's tokenizer to {directory}")
 
 
 if __name__ == "__main__":

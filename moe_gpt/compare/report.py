@@ -21,7 +21,7 @@ from moe_gpt.model.analysis import routing_report
 from moe_gpt.training.expert_usage import usage_heatmap_png
 from moe_gpt.weights.prune import validation_batches
 from moe_gpt.weights.safe_load import load_model
-from moe_gpt.reporting import MFU_FORMAT, cell, markdown_table, plot, write_csv, write_reported
+from moe_gpt.reporting import MFU_FORMAT, cell, curves_figure, markdown_table, save_figure, write_csv, write_reported
 from moe_gpt.compare.verdict import paired_difference, spread, verdict
 
 # (key, title, format) for the one-seed table; "" formats are computed cells.
@@ -147,22 +147,27 @@ def verdict_sentences(rows: list[dict], metric: str, label: str, higher_is_bette
 
 
 def plot_curves(rows: list[dict], folder: Path) -> list[str]:
-    """Val loss against tokens and against training time: one line per variant, the mean over its
-    seeds, with a band from the lowest to the highest seed when there are several."""
+    """Val loss against tokens and against training time (the whole run, and its second half zoomed): one line
+    per variant, the mean over its seeds, with a band from the lowest to the highest seed when there are several."""
     files = []
     for x_key, label, filename in (
         ("tokens", "training tokens", "val_loss_vs_tokens.png"),
         ("seconds", "training seconds (validation excluded)", "val_loss_vs_time.png"),
     ):
-        with plot(folder / filename, label, "validation loss") as ax:
-            for variant, histories in histories_by_variant(rows).items():
-                x, average, low, high = curve_over_seeds(histories, x_key)
-                name = variant if len(histories) == 1 else f"{variant} ({len(histories)} seeds)"
-                ax.plot(x, average, marker="o", label=name)
-                if len(histories) > 1:
-                    ax.fill_between(x, low, high, alpha=0.2)
+        title = f"{folder.name}: validation loss, mean over seeds (band: lowest to highest seed)"
+        save_figure(curves_figure(lambda ax: draw_variants(ax, rows, x_key), label, "validation loss", title,
+                                  tokens_axis=x_key == "tokens"), folder / filename)  # fmt: skip
         files.append(filename)
     return files
+
+
+def draw_variants(ax, rows: list[dict], x_key: str) -> None:
+    for variant, histories in histories_by_variant(rows).items():
+        x, average, low, high = curve_over_seeds(histories, x_key)
+        name = variant if len(histories) == 1 else f"{variant} ({len(histories)} seeds)"
+        ax.plot(x, average, marker="o", label=name)
+        if len(histories) > 1:
+            ax.fill_between(x, low, high, alpha=0.2)
 
 
 def histories_by_variant(rows: list[dict]) -> dict[str, list[list[dict]]]:
@@ -227,7 +232,8 @@ def usage_heatmap(checkpoint: Path, run: RunConfig, out_path: Path) -> None:
     model = load_model(checkpoint)
     windows = torch.cat([x for x, _ in validation_batches(run, model.config.block_size, HEATMAP_WINDOWS)])
     report = routing_report(model, windows)
-    out_path.write_bytes(usage_heatmap_png([layer["expert_share"] for layer in report["moe_layers"]]))
+    title = f"expert usage of {out_path.stem.removeprefix('usage_')} (best checkpoint, validation text)"
+    out_path.write_bytes(usage_heatmap_png([layer["expert_share"] for layer in report["moe_layers"]], title))
 
 
 def downstream_section(rows: list[dict]) -> str:

@@ -1,7 +1,9 @@
 """Running a comparison's runs: each one ``train.py`` in its own process, and a time budget's step counts.
 
 One process per run keeps peak memory per run (a comparison trains many models one after another)
-and gives each run train.py's own records: ``metrics.json`` or ``failure.json`` in its folder.
+and gives each run train.py's own records: ``metrics.json`` or ``failure.json`` in its folder. What a
+run prints goes to ``output.log`` in its folder; the console gets one line when it starts and one when
+it ends (its val loss, or why it failed).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,8 +32,10 @@ from moe_gpt.compare.variants import Variant
 from moe_gpt.config import PROJECT_ROOT
 from moe_gpt.errors import Interrupted
 from moe_gpt.training.run_folder import folder_entries, run_outcome
+from moe_gpt.training.summary import COMPARISON_ENV
 
 TRAIN_SCRIPT = PROJECT_ROOT / "train.py"
+OUTPUT_FILE = "output.log"  # in each run's folder: everything its train.py printed, every attempt
 LOG_PREFIX = re.compile(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - ")  # train.py's log line: [time][logger][LEVEL] -
 
 
@@ -53,12 +59,50 @@ def train(run: PlannedRun) -> dict[str, Any]:
         set_aside_an_earlier_attempt(run.run_dir)  # train.py refuses a folder with another attempt's files in it
     command = train_command(run, resume=action == "resume")
     print(f"[compare] {action} {run.run_dir}: {' '.join(command[2:])}", flush=True)
-    returncode, stderr = run_passing_signals_on(command)
+    # Beside the folder while it trains: train.py accepts only an empty folder for a new run.
+    output = run.run_dir.with_name(f".{run.run_dir.name}.{OUTPUT_FILE}")
+    try:
+        returncode = run_passing_signals_on(command, output)
+    finally:
+        kept = keep_output(output, run.run_dir)
     outcome = run_outcome(run.run_dir)
     if returncode != 0 and outcome["status"] == "incomplete":
         # Bad input writes no record (the run never claimed its folder): its last line says why.
-        return {"status": "failed", "reason": last_message(stderr)}
+        outcome = {"status": "failed", "reason": last_message(kept.read_text(errors="replace"))}
+    print(ended_line(run.run_dir, outcome, kept), flush=True)
     return outcome
+
+
+def ended_line(run_dir: Path, outcome: dict[str, Any], output: Path) -> str:
+    if outcome["status"] == "ok":
+        return f"[compare] finished {run_dir}: val loss {outcome['val_loss']:.4f} after {outcome['steps']} steps"
+    return f"[compare] {outcome['status']} {run_dir}: {outcome['reason']} (its output: {output})"
+
+
+def keep_output(output: Path, run_dir: Path) -> Path:
+    """Append a run's output to ``output.log`` in its folder (made when train.py refused to claim it: a re-run
+    sets such a folder aside); where it is now."""
+    kept = run_dir / OUTPUT_FILE
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(kept, "ab") as file:
+        file.write(output.read_bytes())
+    output.unlink()
+    return kept
+
+
+@contextmanager
+def runs_told_their_comparison(command: str) -> Iterator[None]:
+    """Every run started inside the block knows the command of its comparison: its summary names it instead
+    of train.py's own ``resume=last`` (the comparison resumes its runs itself)."""
+    saved = os.environ.get(COMPARISON_ENV)
+    os.environ[COMPARISON_ENV] = command
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(COMPARISON_ENV, None)
+        else:
+            os.environ[COMPARISON_ENV] = saved
 
 
 def set_aside_an_earlier_attempt(run_dir: Path) -> Optional[Path]:
@@ -74,23 +118,26 @@ def set_aside_an_earlier_attempt(run_dir: Path) -> Optional[Path]:
     return aside
 
 
-def run_passing_signals_on(command: list[str]) -> tuple[int, str]:
-    """Run ``command`` to its end; its exit code and stderr. A stop signal this process gets while it
-    runs (as Interrupted, see moe_gpt/training/preemption.py) is sent to the child, which is awaited."""
-    # From the folder compare.py was started in, so data.paths mean what they mean to train.py.
-    process = subprocess.Popen(command, env=os.environ, stderr=subprocess.PIPE, text=True)
-    try:
-        _, stderr = process.communicate()
-    except Interrupted as stop:
-        process.send_signal(stop.signum)
-        process.wait()
-        raise
-    return process.returncode, stderr
+def run_passing_signals_on(command: list[str], output: Path) -> int:
+    """Run ``command`` to its end, its stdout and stderr into ``output``; its exit code. A stop signal this
+    process gets while it runs (as Interrupted, see moe_gpt/training/preemption.py) is sent to the child,
+    which is awaited."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "wb") as file:
+        # From the folder compare.py was started in, so data.paths mean what they mean to train.py.
+        process = subprocess.Popen(command, env=os.environ, stdout=file, stderr=subprocess.STDOUT)
+        try:
+            process.wait()
+        except Interrupted as stop:
+            process.send_signal(stop.signum)
+            process.wait()
+            raise
+    return process.returncode
 
 
-def last_message(stderr: str) -> str:
-    """The last non-empty line of a run's stderr, without the log line's prefix."""
-    last = next((line for line in reversed(stderr.splitlines()) if line.strip()), "no output")
+def last_message(output: str) -> str:
+    """The last non-empty line of a run's output, without the log line's prefix."""
+    last = next((line for line in reversed(output.splitlines()) if line.strip()), "no output")
     return LOG_PREFIX.sub("", last)
 
 

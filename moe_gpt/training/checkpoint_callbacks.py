@@ -34,8 +34,11 @@ class BestCheckpoint(ModelCheckpoint):
     continued from another folder's checkpoint starts afresh: that folder's ``best.ckpt`` is not here.
     """
 
-    def __init__(self, run_dir: Path, continues_this_folder: bool):
-        super().__init__(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1)
+    def __init__(self, run_dir: Path, continues_this_folder: bool, weights_only: bool = False):
+        super().__init__(
+            dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1,
+            save_weights_only=weights_only,
+        )  # fmt: skip
         self.continues_this_folder = continues_this_folder
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -60,10 +63,11 @@ def paths_moved(state: dict[str, Any], old_dir: str, new_dir: str) -> dict[str, 
 
 
 class LastCheckpoint(Checkpoint):
-    """``last.ckpt`` at every N-th optimizer step and at ``max_steps``."""
+    """``last.ckpt`` at every N-th optimizer step and at ``max_steps``; with ``weights_only``
+    (``checkpoint.save_weights_only``) without the optimizer, schedule and callback states."""
 
-    def __init__(self, path: Path, every_n_steps: int):
-        self.path, self.every_n_steps = path, every_n_steps
+    def __init__(self, path: Path, every_n_steps: int, weights_only: bool = False):
+        self.path, self.every_n_steps, self.weights_only = path, every_n_steps, weights_only
         self._saved_step: Optional[int] = None
         self._due_after_validation = False
 
@@ -78,18 +82,19 @@ class LastCheckpoint(Checkpoint):
         if validation_follows(trainer):
             self._due_after_validation = True
         else:
-            save_checkpoint_and_logs(trainer, self.path)
+            save_checkpoint_and_logs(trainer, self.path, self.weights_only)
         self._saved_step = step
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._due_after_validation and not trainer.sanity_checking:
             self._due_after_validation = False
-            save_checkpoint_and_logs(trainer, self.path)
+            save_checkpoint_and_logs(trainer, self.path, self.weights_only)
 
 
-def save_checkpoint_and_logs(trainer: L.Trainer, path: Path) -> None:
-    """Write a checkpoint, and flush the loggers so their files hold every step it covers."""
-    trainer.save_checkpoint(path, weights_only=False)  # the full state: optimizer, loops, callbacks
+def save_checkpoint_and_logs(trainer: L.Trainer, path: Path, weights_only: bool = False) -> None:
+    """Write a checkpoint (by default the full state: optimizer, loops, callbacks), and flush the loggers so
+    their files hold every step it covers."""
+    trainer.save_checkpoint(path, weights_only=weights_only)
     for logger in trainer.loggers:
         logger.save()
 

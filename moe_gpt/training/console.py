@@ -1,15 +1,27 @@
-"""What a run prints: each Lightning message once, no advertisements, an 80-column step progress bar."""
+"""What a run prints: each Lightning message once, no advertisements, an 80-column step progress bar on a
+terminal, and plain progress lines in train.log (and on a console that is not a terminal)."""
 
 import logging
+import time
 import warnings
 from datetime import timedelta
+from typing import Optional
 
-from lightning.pytorch.callbacks import RichProgressBar
+import lightning as L
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import BatchesProcessedColumn, CustomBarColumn
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
 from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
+from moe_gpt.training.clock import TrainingClock
+from moe_gpt.training.history import LossHistory
 from moe_gpt.training.lightning_internals import logs_training_metrics_at
+
+PROGRESS_LOGGER = "moe_gpt.progress"
+progress_log = logging.getLogger(PROGRESS_LOGGER)
 
 # Lightning's info lines that advertise other products; nothing in them is about this run.
 _ADVERT_PREFIX = "💡 Tip:"
@@ -115,3 +127,84 @@ class StepProgressBar(RichProgressBar):
             BatchesProcessedColumn(style=self.theme.batch_progress),
             RemainingTimeColumn(style=self.theme.time),
         ]
+
+
+class ProgressLog(Callback):
+    """Plain lines for train.log, ``nohup``, ``| tee`` and SLURM's ``.out`` files, where no bar is drawn::
+
+        step 120/250  loss 3.812  2,216 tokens/s  eta 0:01:05
+        step 150/250  val loss 3.745 (best 3.745)
+
+    A training line at every logging step (``trainer.log_every_n_steps``), from the loss ``LossHistory`` read
+    there (nothing else is read from the device), and a line after every validation during fit. On a terminal
+    the progress bar shows the same, so these lines go to train.log only.
+
+    Must come after ``history`` in the callback list: it prints the point that callback has just recorded.
+    """
+
+    def __init__(self, clock: TrainingClock, history: LossHistory):
+        self.clock, self.history = clock, history
+        self._started = 0.0
+        self._first_step = 0
+        self._printed_step = -1
+        self._hidden_from: list[logging.Handler] = []
+
+    @rank_zero_only
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started, self._first_step = time.monotonic(), trainer.global_step
+        if trainer.progress_bar_callback is not None and Console().is_terminal:  # rich's own test for a live bar
+            self._hidden_from = console_handlers()
+            for handler in self._hidden_from:
+                handler.addFilter(_drop_progress_lines)
+
+    @rank_zero_only
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for handler in self._hidden_from:
+            handler.removeFilter(_drop_progress_lines)
+        self._hidden_from = []
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        point = self.history.train[-1] if self.history.train else None
+        if point is None or point["step"] != trainer.global_step or point["step"] == self._printed_step:
+            return
+        self._printed_step = step = point["step"]
+        progress_log.info(
+            "step %d/%d  loss %.3f  %s tokens/s  eta %s",
+            step,
+            trainer.max_steps,
+            point["loss"],
+            f"{self.clock.tokens_per_sec(pl_module):,.0f}",
+            self._time_left(step, trainer.max_steps) or "-:--:--",
+        )
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or not self.history.val:
+            return
+        point = self.history.val[-1]
+        best = min(entry["val_loss"] for entry in self.history.val)
+        progress_log.info(
+            "step %d/%d  val loss %.3f (best %.3f)", point["step"], trainer.max_steps, point["val_loss"], best
+        )
+
+    def _time_left(self, step: int, max_steps: int) -> Optional[str]:
+        """This session's seconds per step so far (validations included) times the steps left."""
+        done = step - self._first_step
+        if done <= 0:
+            return None
+        seconds = (time.monotonic() - self._started) / done * (max_steps - step)
+        return str(timedelta(seconds=int(seconds)))
+
+
+def console_handlers() -> list[logging.Handler]:
+    """The root logger's handlers that write to a stream (Hydra's console), not to a file (train.log)."""
+    return [
+        handler
+        for handler in logging.getLogger().handlers
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+    ]
+
+
+def _drop_progress_lines(record: logging.LogRecord) -> bool:
+    return record.name != PROGRESS_LOGGER

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -13,6 +14,9 @@ from torch import Tensor
 
 from moe_gpt.model.moe import MoELayer
 from moe_gpt.reporting import png_bytes
+from moe_gpt.training.atomic_write import replacing
+
+HEATMAP_DIR = "usage_heatmaps"  # in the run folder: step_000050.png, ...
 
 
 def usage_counters(layer: MoELayer) -> Tensor:
@@ -50,17 +54,26 @@ def stats_from_counters(counters: Tensor) -> dict[str, float | list[float]]:
     }
 
 
-def usage_heatmap_png(shares: list[list[float]]) -> bytes:
-    """A layer x expert image of token shares, as PNG bytes."""
+def usage_heatmap_png(shares: list[list[float]], title: str) -> bytes:
+    """A layer x expert image of token shares (``draw_usage_heatmap``), as PNG bytes."""
+    size = (max(4.5, 1.6 + 0.45 * len(shares[0])), 1.4 + 0.45 * len(shares))  # room for the title
+    return png_bytes(lambda ax: draw_usage_heatmap(ax, shares, title), "expert", "MoE layer", size, grid=False)
 
-    def draw(ax) -> None:
-        image = ax.imshow(shares, cmap="viridis", vmin=0.0, aspect="auto")
-        ax.set_xticks(range(len(shares[0])))
-        ax.set_yticks(range(len(shares)))
-        ax.figure.colorbar(image, ax=ax, label="share of token-slots")
 
-    size = (1.2 + 0.45 * len(shares[0]), 1.0 + 0.45 * len(shares))
-    return png_bytes(draw, "expert", "MoE layer", size, grid=False)
+def draw_usage_heatmap(ax, shares: list[list[float]], title: str) -> None:
+    """Each MoE layer's share of token-slots per expert: white at the balanced share 1/E (marked on the colour
+    bar), red for experts above it, blue below, so an imbalance shows at a glance whatever E is."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    balanced = 1 / len(shares[0])
+    top = max(2 * balanced, *(max(row) for row in shares))
+    image = ax.imshow(shares, cmap="coolwarm", norm=TwoSlopeNorm(balanced, vmin=0.0, vmax=top), aspect="auto")
+    ax.set_xticks(range(len(shares[0])))
+    ax.set_yticks(range(len(shares)))
+    ax.set_title(title, fontsize="medium")
+    bar = ax.figure.colorbar(image, ax=ax, label="share of token-slots")
+    bar.set_ticks([0.0, balanced, top], labels=["0", f"1/E = {balanced:.3g}", f"{top:.2f}"])
+    bar.ax.axhline(balanced, color="black", linewidth=1.5)
 
 
 LAYER_METRICS = (
@@ -73,7 +86,8 @@ LAYER_METRICS = (
 
 
 class ExpertUsageLogger(L.Callback):
-    """Every N optimizer steps, logs each MoE layer's usage; every M steps a heatmap to W&B.
+    """Every N optimizer steps, logs each MoE layer's usage; every M steps a heatmap, as a PNG in
+    ``heatmap_dir`` (with any logger) and to W&B.
 
     A step's usage is logged when the next step starts (or training ends): after any checkpoint of
     that step, which holds the counts since the last log. A run resumed from it then logs that step's
@@ -81,9 +95,10 @@ class ExpertUsageLogger(L.Callback):
     that step on).
     """
 
-    def __init__(self, every_n_steps: int, heatmap_every_n_steps: int):
+    def __init__(self, every_n_steps: int, heatmap_every_n_steps: int, heatmap_dir: Path):
         self.every_n_steps = every_n_steps
         self.heatmap_every_n_steps = heatmap_every_n_steps
+        self.heatmap_dir = heatmap_dir
         self._last_logged_step = 0
         self._layers: list[MoELayer] = []
         self._trainer: Optional[L.Trainer] = None
@@ -161,11 +176,15 @@ class ExpertUsageLogger(L.Callback):
         metrics["moe/router_entropy_ratio"] = sum(s["router_entropy_ratio"] for s in stats) / len(stats)
         return metrics
 
-    @staticmethod
-    def _log_heatmap(trainer: L.Trainer, shares: list[list[float]]) -> None:
+    def _log_heatmap(self, trainer: L.Trainer, shares: list[list[float]]) -> None:
+        if not trainer.is_global_zero:  # the shares are summed over processes: one picture, from rank zero
+            return
+        step = trainer.global_step
+        png = usage_heatmap_png(shares, f"expert usage at step {step:,} (last {self.every_n_steps} steps)")
+        with replacing(self.heatmap_dir / f"step_{step:06d}.png") as file:
+            file.write(png)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 from PIL import Image
 
-                image = Image.open(io.BytesIO(usage_heatmap_png(shares)))
-                logger.log_image(key="moe/usage_heatmap", images=[image], step=trainer.global_step)
+                logger.log_image(key="moe/usage_heatmap", images=[Image.open(io.BytesIO(png))], step=step)

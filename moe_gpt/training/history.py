@@ -1,12 +1,14 @@
-"""The loss curves of a run: training loss every ``log_every_n_steps`` steps and validation loss at every
-validation during fit, each with the training tokens and seconds so far (``curves.png``, ``metrics.json``'s
-``val_history``). Saved in checkpoints, so a resumed run's curves begin where the first session's ended."""
+"""The loss curves of a run: training loss at step 0 (the first batch, before any update) and every
+``log_every_n_steps`` steps, and validation loss at every validation during fit, each with the training tokens
+and seconds so far (``curves.png``, ``metrics.json``'s ``train_history`` and ``val_history``). Saved in
+checkpoints, so a resumed run's curves begin where the first session's ended."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -22,17 +24,33 @@ class LossHistory(Callback):
         self.clock = clock
         self.train: list[dict[str, float]] = []  # {"step", "tokens", "loss"}
         self.val: list[dict[str, float]] = []  # {"step", "tokens", "seconds", "val_loss"}
+        self._initial_loss: Optional[torch.Tensor] = None  # a new run's first loss, on the device until it logs
+        self._first_batch = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_batch = trainer.global_step == 0  # a new run, not a resumed one
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        """The loss of the step's last batch (averaged over processes), every log interval."""
+        """The loss of the step's last batch (averaged over processes), every log interval; a new run's first
+        batch's loss is kept on the device and read with the first of them, as the point at step 0."""
         step = trainer.global_step
+        if self._first_batch:  # its loss was computed before any update
+            self._first_batch, self._initial_loss = False, outputs["loss"].detach()
         recorded = self.train[-1]["step"] if self.train else -1
         if step == recorded or not logs_training_metrics_at(trainer, step):
             return
-        loss = outputs["loss"].detach()
+        if self._initial_loss is not None:
+            self.train.append({"step": 0, "tokens": 0, "loss": self._averaged(trainer, self._initial_loss)})
+            self._initial_loss = None
+        loss = self._averaged(trainer, outputs["loss"])
+        self.train.append({"step": step, "tokens": pl_module.tokens_seen, "loss": loss})
+
+    @staticmethod
+    def _averaged(trainer: L.Trainer, loss: torch.Tensor) -> float:
+        loss = loss.detach()
         if trainer.world_size > 1:
             loss = trainer.strategy.reduce(loss, reduce_op="mean")
-        self.train.append({"step": step, "tokens": pl_module.tokens_seen, "loss": loss.item()})
+        return loss.item()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:

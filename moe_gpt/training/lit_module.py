@@ -167,15 +167,18 @@ class GPTLightningModule(L.LightningModule):
         cfg = self.optim_config
         # Matrices (linear and embedding weights) decay; biases and LayerNorm gains do not.
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # The names label the logged learning rates: lr/with_weight_decay, lr/without_weight_decay.
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+        for group, name in zip(groups, ("with_weight_decay", "without_weight_decay")):
+            group["name"] = name
         # Fused on every device: one kernel for all parameters, its step count on the device, and an update
         # skipped there when found_inf is set (divergence.py).
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
 
     def _apply_optim_config(self) -> None:
         """Make the optimizer follow this run's ``optim`` settings, also after a resume.

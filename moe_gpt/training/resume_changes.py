@@ -72,6 +72,7 @@ APPLIED: tuple[str, ...] = (
         )
     ),  # fmt: skip
     "checkpoint.every_n_steps",
+    "checkpoint.save_weights_only",
     *(
         f"logger.{key}"
         for key in ("kind", "project", "mode", "group", "expert_stats_every_n_steps", "heatmap_every_n_steps")

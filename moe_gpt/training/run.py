@@ -25,10 +25,10 @@ from moe_gpt.training.checkpoint_callbacks import (
 )
 from moe_gpt.training.clock import TrainingClock
 from moe_gpt.config import ConfigError, RunConfig, run_warnings
-from moe_gpt.training.console import StepProgressBar
+from moe_gpt.training.console import ProgressLog, StepProgressBar
 from moe_gpt.data import TokenDataModule
 from moe_gpt.data.tokenizer import GPT2_N_VOCAB
-from moe_gpt.training.expert_usage import ExpertUsageLogger
+from moe_gpt.training.expert_usage import HEATMAP_DIR, ExpertUsageLogger
 from moe_gpt.training.history import LossHistory
 from moe_gpt.weights.init_from import initial_weights
 from moe_gpt.training.lit_module import GPTLightningModule
@@ -106,12 +106,13 @@ def _train_in_claimed_dir(
     config_to_log = record.resolved_config or asdict(cfg)
     resumed_step = resume.step if resume is not None else None
     loggers = build_loggers(cfg.logger, run_dir, f"{model_kind}-{run_dir.name}", config_to_log, wandb_id, resumed_step)
-    best = BestCheckpoint(run_dir, continues_this_folder)
+    best = BestCheckpoint(run_dir, continues_this_folder, cfg.checkpoint.save_weights_only)
     run_record = {"overrides": record.overrides, "config": asdict(cfg), "wandb_id": wandb_id}
     clock = TrainingClock()
     history = LossHistory(clock)
     # First: a checkpoint saved at a validation's end (preemption.py) then holds that validation's point.
-    callbacks = [clock, history, *run_callbacks(cfg, best, run_record, with_lr_monitor=bool(loggers))]
+    callbacks = [clock, history, ProgressLog(clock, history)]  # ProgressLog prints the points history records
+    callbacks += run_callbacks(cfg, best, run_record, with_lr_monitor=bool(loggers))
     callbacks += record.callbacks
     trainer = build_trainer(cfg, loggers, callbacks)
     warn_if_world_size_changed(resume, trainer)
@@ -129,8 +130,8 @@ def _train_in_claimed_dir(
     metrics["best_val_loss"] = float(best.best_model_score) if best.best_model_score is not None else None
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
-        write_curves_png(run_dir / CURVES_FILE, history.train, history.val)
-        summary = summary_text(metrics, run_dir, cfg.logger.kind)
+        write_curves_png(run_dir / CURVES_FILE, history.train, history.val, f"loss curves of {run_dir.name}")
+        summary = summary_text(metrics, run_dir, cfg.logger.kind, cfg.checkpoint.save_weights_only)
         (run_dir / SUMMARY_FILE).write_text(summary + "\n")
         print(summary, flush=True)
     return metrics
@@ -164,9 +165,11 @@ def run_callbacks(
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     callbacks = [
         best,
-        LastCheckpoint(last, cfg.checkpoint.every_n_steps),
+        LastCheckpoint(last, cfg.checkpoint.every_n_steps, cfg.checkpoint.save_weights_only),
         # Before StopAtStepEnd: a step's usage row is on disk before a stop signal's checkpoint holds the step.
-        ExpertUsageLogger(cfg.logger.expert_stats_every_n_steps, cfg.logger.heatmap_every_n_steps),
+        ExpertUsageLogger(
+            cfg.logger.expert_stats_every_n_steps, cfg.logger.heatmap_every_n_steps, Path(cfg.run_dir) / HEATMAP_DIR
+        ),
         StopAtStepEnd(last),
         RunRecordCallback(run_record),
         RNGStateCallback(),
@@ -221,6 +224,7 @@ def summarize(
         "corpus": cfg.data.name,
         "corpus_train_tokens": datamodule.train_tokens,
         "val_history": history.val,
+        "train_history": history.train,
     }
 
 

@@ -89,7 +89,21 @@ def collect_rows(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
 
 
 def cells(columns: list[str], row: dict[str, Any]) -> list[str]:
-    return [cell(row[column], CELL_FORMATS.get(column, "{}")) for column in columns]
+    return [
+        cell(row[column], CELL_FORMATS[column]) if column in CELL_FORMATS else cell(short(row[column]))
+        for column in columns
+    ]
+
+
+def short(value: Any) -> Any:
+    """A swept value with a fraction in 4 significant digits (an Optuna learning rate, 0.0012345678 -> 0.001235);
+    anything else as it is. The CSV keeps every digit."""
+    if isinstance(value, float) or (isinstance(value, str) and any(mark in value for mark in ".eE")):
+        try:
+            return f"{float(value):.4g}"
+        except ValueError:
+            return value
+    return value
 
 
 def series_label(row: dict[str, Any], swept: list[str]) -> str:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from moe_gpt.config import ConfigError, GPTConfig
-from moe_gpt.data.tokenizer import ENDOFTEXT_ID
+from moe_gpt.data.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, RANKS_FILENAME
 from moe_gpt.model.gpt import GPT
 from moe_gpt.weights.safe_load import holds_code, refused_as_code
 
@@ -177,6 +177,25 @@ def export_hf_gpt2(model: GPT, directory: str | Path, overwrite: bool = False) -
     hf_model.load_state_dict(state_dict_to_hf(model.state_dict(), model.config))
     hf_model.save_pretrained(directory)
     return directory
+
+
+def export_hf_tokenizer(tokenizer_dir: Path, directory: Path, max_length: int) -> None:
+    """GPT-2's tokenizer beside an export (``tokenizer.json`` and its settings), converted from the local ranks
+    file by transformers' own tiktoken converter: ``AutoTokenizer.from_pretrained(directory)`` then encodes as
+    training did."""
+    from tiktoken_ext.openai_public import r50k_pat_str
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = tokenizer_dir / RANKS_FILENAME
+    if not ranks.is_file():
+        raise ConfigError(f"no {ranks} to export the tokenizer from; run `python scripts/fetch_tokenizer.py` once")
+    converted = TikTokenConverter(vocab_file=str(ranks), pattern=r50k_pat_str, extra_special_tokens=[ENDOFTEXT])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=converted.converted(), bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, unk_token=ENDOFTEXT,
+        model_max_length=max_length,
+    )  # fmt: skip
+    tokenizer.save_pretrained(directory)
 
 
 def check_exportable(config: GPTConfig) -> None:

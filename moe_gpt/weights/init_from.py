@@ -33,7 +33,10 @@ def initial_weights(cfg: RunConfig) -> Optional[dict[str, Tensor]]:
     check_compatible(source.config, cfg.model, cfg.init_from)
     what = f"init_from={cfg.init_from}"
     if cfg.model.use_moe and not source.config.use_moe:
-        log.info("%s: upcycling its dense MLPs into %d experts", what, cfg.model.moe.num_experts)
+        log.info(
+            "%s: upcycling the dense MLPs of its %d MoE block(s) of %d into %d experts each",
+            what, cfg.model.num_moe_layers, cfg.model.n_layer, cfg.model.moe.num_experts,
+        )  # fmt: skip
         return upcycle(source, cfg.model.moe).state_dict()
     if grows(source.config, cfg.model):
         source_experts, run_experts = source.config.moe.num_experts, cfg.model.moe.num_experts

@@ -80,6 +80,22 @@ def test_the_share_of_the_teachers_gain_a_student_keeps_per_seed_and_its_interva
     assert sentence.endswith("3 seeds; per seed: 30%, 50%, 20%)")
 
 
+def test_seeds_where_the_teacher_is_no_better_than_dense_have_no_gain_to_keep_and_are_left_out():
+    losses = {"dense": (4.0, 4.0, 4.0), "moe": (3.0, 4.2, 3.0), "distill-moe": (3.7, 3.9, 3.5)}
+    rows = [
+        {"variant": name, "seed": seed, "status": "ok", "val_loss": value}
+        for name, values in losses.items()
+        for seed, value in zip((1, 2, 3), values)
+    ]
+    (sentence,) = gain_kept_sentences(rows, {"distill-moe": "moe"})
+    assert sentence.startswith("distill-moe keeps 40% of moe's val-loss gain over dense (95% CI")
+    assert sentence.endswith("3 seeds; moe no better than dense in 1 of them; per seed: 30%, n/a, 50%)")
+    for row in rows[3:6]:
+        row["val_loss"] = 4.5
+    (sentence,) = gain_kept_sentences(rows, {"distill-moe": "moe"})
+    assert sentence == "distill-moe: moe is no better than dense in any seed, so there is no gain to keep"
+
+
 def test_a_distill_variant_is_a_dense_student_taught_by_an_earlier_variants_run_of_the_same_seed(tmp_path):
     dense, moe, student = parse_variants(["dense", "moe:4:2", "distill:moe:4:2:alpha=0.7"], 32, "active")
     assert (student.name, student.teacher_variant) == ("distill-moe-4-2-alpha-0.7", "moe-4-2")
@@ -125,4 +141,6 @@ def test_a_tiny_comparison_with_a_distilled_student_reports_speed_ups_and_the_ga
     assert str(out / "tokens" / "moe-4-2" / "seed-1338" / "checkpoints" / "best.ckpt") in overrides
     report = (out / "report.md").read_text()
     assert "Speed-up to the first variant's final val loss" in report and "| distill-moe-4-2 |" in report
-    assert "distill-moe-4-2 keeps" in report and "of moe-4-2's val-loss gain over dense" in printed
+    # 4 steps are too few for the teacher to beat dense reliably: either sentence is the report's
+    assert "- distill-moe-4-2 keeps" in report or "- distill-moe-4-2: moe-4-2 is no better than dense" in report
+    assert "Speed-up to the first variant's final val loss" in printed

@@ -20,8 +20,9 @@ from moe_gpt.training.run import RunRecord, train
 from moe_gpt.weights.gather import checkpoint_usage, expert_weights
 from moe_gpt.weights.safe_load import model_state_dict, read_checkpoint
 from moe_gpt.weights.teacher import TEACHER_RECORD, load_teacher
-from tests.helpers import TINY, csv_column, error_lines, folder_state, train_main
+from tests.helpers import TINY, csv_column, error_lines, folder_state, run_train_cli, train_main
 from tests.test_checkpoint_safety import with_flipped_bytes
+from tests.test_fsdp import TWO_PROCESSES
 
 STUDENT = TINY + ["logger=csv", "trainer.max_steps=4", "trainer.val_check_interval=2"]
 
@@ -206,3 +207,18 @@ def test_distill_init_experts_trains_a_dense_student_and_says_how_it_weighted_th
     result = train_main(args + ["trainer.max_steps=2", "trainer.val_check_interval=2"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "each dense MLP is the usage-weighted" in result.stderr
+
+
+@pytest.mark.slow  # two processes of train.py, and one alone
+def test_two_fsdp_processes_distil_like_one_process_with_twice_the_batch(tiny_moe_checkpoint, corpus_overrides, tmp_path):
+    runs = {"alone": ["data.batch_size=4"], "fsdp": TWO_PROCESSES}
+    for name, extra in runs.items():
+        args = student_args(tiny_moe_checkpoint, tmp_path / name, corpus_overrides, "model=dense", *extra)
+        result = run_train_cli(args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    for column in ("train/loss", "train/kl_loss", "val/loss"):
+        expected, actual = csv_column(tmp_path / "alone", column), csv_column(tmp_path / "fsdp", column)
+        assert [step for step, _ in actual] == [step for step, _ in expected], column
+        assert [value for _, value in actual] == pytest.approx([value for _, value in expected], rel=1e-4), column
+    checkpoint = read_checkpoint(tmp_path / "fsdp" / "checkpoints" / "last.ckpt")
+    assert TEACHER_RECORD in checkpoint and all(key.startswith("model.") for key in checkpoint["state_dict"])

@@ -8,6 +8,7 @@ dense model of the same size as ``dense``, keeps at equal tokens (Switch Transfo
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from moe_gpt.compare.verdict import mean_interval
@@ -24,15 +25,25 @@ def gain_kept_sentences(rows: list[dict[str, Any]], teachers: dict[str, str]) ->
             seed for (name, seed) in losses if name == student and (teacher, seed) in losses and (BASELINE, seed) in losses
         )
         shares = [share_kept(losses[BASELINE, s], losses[teacher, s], losses[student, s]) for s in seeds]
-        if not shares:
-            continue
-        result = mean_interval(shares)
-        interval = "one seed, no interval" if result.low is None else f"95% CI {result.low:.0%} to {result.high:.0%}"
-        sentences.append(
-            f"{student} keeps {result.mean:.0%} of {teacher}'s val-loss gain over {BASELINE} ({interval}, "
-            f"{len(shares)} seeds; per seed: {', '.join(f'{share:.0%}' for share in shares)})"
-        )
+        if seeds:
+            sentences.append(gain_kept_sentence(student, teacher, shares))
     return sentences
+
+
+def gain_kept_sentence(student: str, teacher: str, shares: list[float]) -> str:
+    """The mean share over the seeds where the teacher beat dense (nan elsewhere: no gain to keep)."""
+    kept = [share for share in shares if not math.isnan(share)]
+    without_gain = len(shares) - len(kept)
+    skipped = f"; {teacher} no better than {BASELINE} in {without_gain} of them" if without_gain else ""
+    if not kept:
+        return f"{student}: {teacher} is no better than {BASELINE} in any seed, so there is no gain to keep"
+    result = mean_interval(kept)
+    interval = "one seed, no interval" if result.low is None else f"95% CI {result.low:.0%} to {result.high:.0%}"
+    per_seed = ", ".join("n/a" if math.isnan(share) else f"{share:.0%}" for share in shares)
+    return (
+        f"{student} keeps {result.mean:.0%} of {teacher}'s val-loss gain over {BASELINE} ({interval}, "
+        f"{len(shares)} seeds{skipped}; per seed: {per_seed})"
+    )
 
 
 def share_kept(dense: float, teacher: float, student: float) -> float:

@@ -64,11 +64,11 @@ CSV_COLUMNS = [
     *speedup.COLUMNS,  # to the first variant's final val loss (speedup.py)
 ]
 MILLIONS = ("params_total", "params_active", "train_tokens")
-HEATMAP_WINDOWS = 16
+HEATMAP_WINDOWS = 16  # validation windows routed for each usage heatmap
 SPEEDUP_TITLE = (
     "Speed-up to the first variant's final val loss (per seed; interpolated between validations; the crosses on "
     "the curves):"
-)  # validation windows routed for each usage heatmap
+)
 
 
 @dataclass(frozen=True)

@@ -66,27 +66,26 @@ def test_a_run_whose_last_step_is_no_validation_step_ends_its_curve_at_its_final
     assert candidate["speedup_tokens"] == pytest.approx(35 / 30)
 
 
+def final_losses(**by_variant: tuple[float, ...]) -> list[dict]:
+    """Report rows of seeds 1, 2, 3 with these final val losses (``student`` is the variant distill-moe)."""
+    return [
+        {"variant": "distill-moe" if name == "student" else name, "seed": seed, "status": "ok", "val_loss": value}
+        for name, values in by_variant.items()
+        for seed, value in zip((1, 2, 3), values)
+    ]
+
+
 def test_the_share_of_the_teachers_gain_a_student_keeps_per_seed_and_its_interval():
     assert share_kept(dense=4.0, teacher=3.0, student=3.7) == pytest.approx(0.3)
     assert math.isnan(share_kept(dense=3.0, teacher=3.0, student=2.9))
-    losses = {"dense": (4.0, 4.1, 3.9), "moe": (3.0, 3.1, 2.9), "distill-moe": (3.7, 3.6, 3.7)}
-    rows = [
-        {"variant": name, "seed": seed, "status": "ok", "val_loss": value}
-        for name, values in losses.items()
-        for seed, value in zip((1, 2, 3), values)
-    ]
+    rows = final_losses(dense=(4.0, 4.1, 3.9), moe=(3.0, 3.1, 2.9), student=(3.7, 3.6, 3.7))
     (sentence,) = gain_kept_sentences(rows, {"distill-moe": "moe"})
     assert sentence.startswith("distill-moe keeps 33% of moe's val-loss gain over dense (95% CI")
     assert sentence.endswith("3 seeds; per seed: 30%, 50%, 20%)")
 
 
 def test_seeds_where_the_teacher_is_no_better_than_dense_have_no_gain_to_keep_and_are_left_out():
-    losses = {"dense": (4.0, 4.0, 4.0), "moe": (3.0, 4.2, 3.0), "distill-moe": (3.7, 3.9, 3.5)}
-    rows = [
-        {"variant": name, "seed": seed, "status": "ok", "val_loss": value}
-        for name, values in losses.items()
-        for seed, value in zip((1, 2, 3), values)
-    ]
+    rows = final_losses(dense=(4.0, 4.0, 4.0), moe=(3.0, 4.2, 3.0), student=(3.7, 3.9, 3.5))
     (sentence,) = gain_kept_sentences(rows, {"distill-moe": "moe"})
     assert sentence.startswith("distill-moe keeps 40% of moe's val-loss gain over dense (95% CI")
     assert sentence.endswith("3 seeds; moe no better than dense in 1 of them; per seed: 30%, n/a, 50%)")

@@ -27,6 +27,7 @@ ACTIVATIONS = ("gelu", "relu", "swish", "tanh")
 LOAD_BALANCE_TYPES = ("switch", "variance", "aux_free", "none")
 ROUTERS = ("softmax", "noisy", "sigmoid")
 EXPERTS_IMPLS = ("auto", "grouped_mm", "blocked", "loop")
+DISTILL_INITS = ("scratch", "experts")
 
 
 class ConfigError(ValueError):
@@ -480,6 +481,34 @@ class CompareConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation: the student (``model``) learns from a frozen teacher checkpoint too.
+
+    The training loss is alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T), where _T means
+    the logits divided by T (Hinton et al., 2015); validation stays the student's plain cross-entropy.
+    """
+
+    teacher: Optional[str] = None  # a training checkpoint (.ckpt) of the same tokenizer; null: no distillation
+    alpha: float = 0.5  # weight of the labels' cross-entropy; 1 - alpha weighs the teacher's soft targets
+    temperature: float = 2.0  # T: both models' logits are divided by T before the KL; its gradient is scaled by T^2
+    init: str = "scratch"  # scratch | experts: a dense student starts from the teacher (FFN = experts' weighted mean)
+
+    def __post_init__(self) -> None:
+        _require(
+            math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0, f"distill.alpha={self.alpha} must be in [0, 1]"
+        )
+        _require(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            f"distill.temperature={self.temperature} must be a finite positive number",
+        )
+        _check_choice("distill.init", self.init, DISTILL_INITS)
+        _require(
+            self.init == "scratch" or self.teacher is not None,
+            f"distill.init={self.init} gathers the teacher's weights; set distill.teacher=<checkpoint>",
+        )
+
+
+@dataclass
 class RunConfig:
     """The whole run: what ``train.py`` receives after Hydra composed it."""
 
@@ -490,6 +519,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # logger=wandb|csv|none
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoint=default
     compare: CompareConfig = field(default_factory=CompareConfig)  # scripts/compare.py; set by experiment presets
+    distill: DistillConfig = field(default_factory=DistillConfig)  # distill.teacher=<ckpt>: learn from a teacher too
     seed: int = 1337  # seeds Python, NumPy and torch, and the data shuffling
     run_dir: str = "outputs/run"  # set by Hydra to its job directory (configs/config.yaml)
     resume: Optional[str] = None  # checkpoint path, or "last" for <run_dir>/checkpoints/last.ckpt (set hydra.run.dir)
@@ -498,6 +528,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(0 <= self.seed <= MAX_SEED, f"seed={self.seed} must be between 0 and {MAX_SEED}")
+        _require(
+            self.distill.init == "scratch" or self.init_from is None,
+            f"distill.init={self.distill.init} and init_from={self.init_from} both choose the first weights; drop one",
+        )
 
 
 def register_schema() -> None:

@@ -190,7 +190,7 @@ def test_help_lists_the_main_keys_with_their_real_defaults():
 
 CONFIGS = REPO / "configs"
 # The groups whose options fill RunConfig fields (model/size/ fills model too, through `@package model`).
-OPTION_GROUPS = ("model", "trainer", "logger", "data", "checkpoint")
+OPTION_GROUPS = ("model", "trainer", "logger", "data", "checkpoint", "distill")
 
 
 def schema_defaults(schema: type) -> dict:

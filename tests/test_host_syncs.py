@@ -37,9 +37,11 @@ def assert_only_logging_steps_read(events: dict[int, list[str]]) -> None:
     )
 
 
-def test_a_step_that_does_not_log_reads_nothing_on_the_host(tmp_path, corpus_overrides):
+@pytest.mark.parametrize("distilled", [False, True], ids=["plain", "with a teacher"])
+def test_a_step_that_does_not_log_reads_nothing_on_the_host(tmp_path, corpus_overrides, distilled, request):
     counter = HostSyncCounter()
-    cfg = compose_run_config(TINY + corpus_overrides + QUIET, run_dir=str(tmp_path / "run"))
+    teacher = [f"distill.teacher={request.getfixturevalue('tiny_moe_checkpoint')}"] if distilled else []
+    cfg = compose_run_config(TINY + corpus_overrides + QUIET + teacher, run_dir=str(tmp_path / "run"))
     train(cfg, RunRecord(callbacks=[counter]))
     assert_only_logging_steps_read({int(step): what for step, what in counter.events.items()})
 

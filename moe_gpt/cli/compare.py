@@ -130,7 +130,8 @@ def compare(args: argparse.Namespace, command: str) -> None:
                 for name, reason in untimed.items()
                 for seed in seeds
             ]
-        context = ReportContext(command, MATCH_RULES[chosen.match], seeds, chosen.eval_data)
+        teachers = {variant.name: variant.teacher_variant for variant in variants if variant.teacher_variant}
+        context = ReportContext(command, MATCH_RULES[chosen.match], seeds, chosen.eval_data, teachers)
         print(write_report(rows, budgets, out_dir, context))
 
 

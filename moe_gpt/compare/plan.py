@@ -86,7 +86,14 @@ def plan_run(
     overrides = [*base, *variant.overrides, f"seed={seed}"]
     if steps is not None:
         overrides.append(f"trainer.max_steps={steps}")
-    return PlannedRun(budget, variant, seed, out_dir / budget.name / variant.name / f"seed-{seed}", overrides)
+    if variant.teacher_variant is not None:  # distill:<variant>: its run of this budget and seed, trained before
+        teacher = run_folder(out_dir, budget, variant.teacher_variant, seed) / "checkpoints" / "best.ckpt"
+        overrides.append(f"distill.teacher={teacher}")
+    return PlannedRun(budget, variant, seed, run_folder(out_dir, budget, variant.name, seed), overrides)
+
+
+def run_folder(out_dir: Path, budget: Budget, variant_name: str, seed: int) -> Path:
+    return out_dir / budget.name / variant_name / f"seed-{seed}"
 
 
 def calibration_run(out_dir: Path, variant: Variant, seed: int, base: list[str]) -> PlannedRun:

@@ -9,7 +9,7 @@ variant also gets a picture of how its best checkpoint routes validation windows
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +23,8 @@ from moe_gpt.weights.prune import validation_batches
 from moe_gpt.weights.safe_load import load_model
 from moe_gpt.reporting import MFU_FORMAT, cell, curves_figure, markdown_table, save_figure, write_csv, write_reported
 from moe_gpt.compare.verdict import paired_difference, spread, verdict
+from moe_gpt.compare import speedup
+from moe_gpt.compare.distilled import gain_kept_sentences
 
 # (key, title, format) for the one-seed table; "" formats are computed cells.
 RUN_COLUMNS = [
@@ -59,9 +61,14 @@ CSV_COLUMNS = [
     "mfu",
     "peak_memory_mb",
     "wall_time_s",
+    *speedup.COLUMNS,  # to the first variant's final val loss (speedup.py)
 ]
 MILLIONS = ("params_total", "params_active", "train_tokens")
 HEATMAP_WINDOWS = 16  # validation windows routed for each usage heatmap
+SPEEDUP_TITLE = (
+    "Speed-up to the first variant's final val loss (per seed; interpolated between validations; the crosses on "
+    "the curves):"
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class ReportContext:
     match_rule: str
     seeds: list[int]
     eval_data: Optional[str]
+    teachers: dict[str, str] = field(default_factory=dict)  # distill:<variant> students -> their teacher variant
 
 
 def variants_of(rows: list[dict]) -> list[str]:
@@ -168,6 +176,7 @@ def draw_variants(ax, rows: list[dict], x_key: str) -> None:
         ax.plot(x, average, marker="o", label=name)
         if len(histories) > 1:
             ax.fill_between(x, low, high, alpha=0.2)
+    speedup.mark_target(ax, rows, x_key)
 
 
 def histories_by_variant(rows: list[dict]) -> dict[str, list[list[dict]]]:
@@ -193,12 +202,18 @@ def budget_section(budget: Budget, rows: list[dict], out_dir: Path, context: Rep
     sentences = verdict_sentences(rows, "val_loss", "val loss")
     if with_held_out:
         sentences += verdict_sentences(rows, "held_out_loss", f"held-out loss on {context.eval_data}")
+    sentences += gain_kept_sentences(rows, context.teachers)
     verdicts = "\n".join(f"- {sentence}" for sentence in sentences)
+    speedup.add_speedups(rows)  # before the plots, which mark where each variant reaches the target
+    speedups = f"{SPEEDUP_TITLE}\n\n{speedup.speedup_table(rows)}"
     plots = plot_curves(rows, out_dir / budget.name)
     images = " ".join(f"![{name}]({budget.name}/{name})" for name in plots)
-    section = f"## {budget.title}\n\n{table}\n\nVerdict (against the first variant, paired by seed):\n\n{verdicts}\n\n{images}\n"
+    section = (
+        f"## {budget.title}\n\n{table}\n\nVerdict (against the first variant, paired by seed):\n\n{verdicts}\n\n"
+        f"{speedups}\n\n{images}\n"
+    )
     downstream = downstream_section(rows)
-    return section + downstream, f"{budget.title}\n\n{table}\n\n{verdicts}" + downstream
+    return section + downstream, f"{budget.title}\n\n{table}\n\n{verdicts}\n\n{speedups}" + downstream
 
 
 def write_report(rows: list[dict], budgets: list[Budget], out_dir: Path, context: ReportContext) -> str:

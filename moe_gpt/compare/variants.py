@@ -7,13 +7,20 @@ Matching decides each expert's width so that variants are compared on equal term
 - ``total``: the E routed and the shared experts together hold the dense FFN's parameters, each
   4*n_embd/(E + shared) wide, so every model has the same size and MoE uses fewer per token;
 - ``none``: experts keep the configured width.
+
+``distill:<teacher>[:alpha=A][:temperature=T][:init=experts]`` is a dense student (the ``dense``
+variant's model) trained with ``distill.teacher``: a checkpoint, a run folder (its best.ckpt), or an
+earlier variant of the same comparison, whose run of the same budget and seed then teaches it
+(``dense,moe:8:2,distill:moe:8:2`` is "dense / MoE teacher / distilled dense" seed by seed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
 
-from moe_gpt.config import ACTIVATIONS, ConfigError, MoEConfig
+from moe_gpt.config import ACTIVATIONS, ConfigError, DistillConfig, MoEConfig
 
 MATCH_RULES = {  # for reports
     "active": "each expert is 4*n_embd/(top_k + shared experts) wide, so the experts a token uses hold as many "
@@ -24,9 +31,11 @@ MATCH_RULES = {  # for reports
 }
 MATCHING = tuple(MATCH_RULES)
 VARIANT_FORMAT = (
-    "'dense' or 'moe:E:K[:activation][:key=value...]', e.g. moe:8:2, moe:4:1:swish or moe:16:4:num_shared_experts=1"
+    "'dense', 'moe:E:K[:activation][:key=value...]' or 'distill:<teacher>[:key=value...]', e.g. moe:8:2, "
+    "moe:4:1:swish, moe:16:4:num_shared_experts=1 or distill:moe:8:2"
 )
 MOE_KEYS = {field.name for field in fields(MoEConfig)}
+DISTILL_KEYS = {field.name for field in fields(DistillConfig)} - {"teacher"}
 
 
 @dataclass(frozen=True)
@@ -34,12 +43,16 @@ class Variant:
     spec: str  # as the user wrote it
     name: str  # for folders and tables: the spec with ':' and '=' as '-'
     overrides: list[str]
+    teacher_variant: Optional[str] = None  # distill:<variant>: that variant's run of the same budget and seed teaches
 
 
-def parse_variant(spec: str, n_embd: int, match: str) -> Variant:
-    """``dense`` or ``moe:E:K[:activation][:key=value...]`` (any model.moe key) -> the overrides that build it."""
+def parse_variant(spec: str, n_embd: int, match: str, earlier: tuple[Variant, ...] = ()) -> Variant:
+    """``dense``, ``moe:E:K[:activation][:key=value...]`` (any model.moe key) or ``distill:<teacher>[:key=value...]``
+    (``earlier``: the variants before it, which may teach it) -> the overrides that build it."""
     if spec == "dense":
         return Variant(spec, "dense", ["model=dense"])
+    if spec.startswith("distill:"):
+        return parse_distill_variant(spec, earlier)
     parts = spec.split(":")
     if parts[0] != "moe" or len(parts) < 3 or not (parts[1].isdigit() and parts[2].isdigit()):
         raise ConfigError(f"variant {spec!r} is not {VARIANT_FORMAT}")
@@ -85,11 +98,41 @@ def _variant_setting(spec: str, part: str) -> tuple[str, str]:
     return key, value
 
 
+def parse_distill_variant(spec: str, earlier: tuple[Variant, ...]) -> Variant:
+    """``distill:<teacher>[:alpha=A][:temperature=T][:init=experts]``: the dense student of a teacher."""
+    parts = spec.split(":")[1:]
+    settings = [part for part in parts if part.partition("=")[0] in DISTILL_KEYS and "=" in part]
+    teacher = ":".join(part for part in parts if part not in settings)
+    overrides = ["model=dense", *(f"distill.{setting}" for setting in settings)]
+    suffix = "".join("-" + setting.replace("=", "-") for setting in settings)
+    teacher_variant = next((variant for variant in earlier if teacher in (variant.spec, variant.name)), None)
+    if teacher_variant is not None:
+        return Variant(spec, f"distill-{teacher_variant.name}{suffix}", overrides, teacher_variant.name)
+    path = teacher_checkpoint(spec, teacher)
+    name = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+    return Variant(spec, f"distill-{name}{suffix}", [*overrides, f"distill.teacher={path}"])
+
+
+def teacher_checkpoint(spec: str, teacher: str) -> Path:
+    """A .ckpt as it is; a run folder's checkpoints/best.ckpt."""
+    path = Path(teacher).expanduser().resolve()
+    if path.is_dir():
+        path = path / "checkpoints" / "best.ckpt"
+    if not path.is_file():
+        raise ConfigError(
+            f"variant {spec!r}: the teacher {teacher!r} is neither an earlier variant nor a checkpoint or run folder "
+            f"({path} does not exist); list the teacher's variant first, e.g. dense,moe:8:2,distill:moe:8:2"
+        )
+    return path
+
+
 def parse_variants(specs: list[str], n_embd: int, match: str) -> list[Variant]:
     """Every variant checked before anything trains; each once (runs would share a folder)."""
     if match not in MATCHING:
         raise ConfigError(f"match {match!r} is not one of {', '.join(MATCHING)}")
-    variants = [parse_variant(spec, n_embd, match) for spec in specs]
+    variants: list[Variant] = []
+    for spec in specs:
+        variants.append(parse_variant(spec, n_embd, match, tuple(variants)))
     names = [variant.name for variant in variants]
     if len(set(names)) < len(names) or not names:
         raise ConfigError(f"variants {','.join(specs)}: give at least one, and each once (runs would share a folder)")

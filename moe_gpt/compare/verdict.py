@@ -48,11 +48,15 @@ def paired_difference(candidate: list[float], baseline: list[float], confidence:
     """Mean of candidate[i] - baseline[i] and its two-sided t-interval."""
     if len(candidate) != len(baseline) or not candidate:
         raise ValueError("paired_difference needs the same, non-zero number of values on each side")
-    differences = [c - b for c, b in zip(candidate, baseline)]
-    mean, n = statistics.fmean(differences), len(differences)
+    return mean_interval([c - b for c, b in zip(candidate, baseline)], confidence)
+
+
+def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> Difference:
+    """The mean of ``values`` and its two-sided t-interval (none from one value)."""
+    mean, n = statistics.fmean(values), len(values)
     if n < 2:
         return Difference(mean, None, None, n)
-    half_width = student_t.ppf(0.5 + confidence / 2, df=n - 1) * statistics.stdev(differences) / math.sqrt(n)
+    half_width = student_t.ppf(0.5 + confidence / 2, df=n - 1) * statistics.stdev(values) / math.sqrt(n)
     return Difference(mean, mean - half_width, mean + half_width, n)
 
 

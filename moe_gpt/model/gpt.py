@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from moe_gpt.config import GPTConfig
 from moe_gpt.model.experts import FeedForward
-from moe_gpt.model.lm_loss import IGNORE_INDEX, chunked_lm_loss
+from moe_gpt.model.lm_loss import IGNORE_INDEX, LMLosses, SoftTargets, chunked_losses
 from moe_gpt.model.moe import MoELayer
 
 KVCache = tuple[Tensor, Tensor]  # keys and values, each (B, n_head, T_past, head_dim)
@@ -108,10 +108,12 @@ class GPTOutput:
     # None when targets were given and model.loss_chunk_size > 0 (the default): the loss is then
     # computed without materialising them. Call without targets for logits.
     logits: Optional[Tensor]
-    lm_loss: Optional[Tensor] = None  # cross-entropy, when targets were given
+    lm_loss: Optional[Tensor] = None  # cross-entropy, when targets were given (logged only, when distilling)
+    kl_loss: Optional[Tensor] = None  # KL(teacher_T || student_T), when distilling (soft_targets given)
+    distill_loss: Optional[Tensor] = None  # alpha * lm_loss + (1 - alpha) * T^2 * kl_loss, when distilling
     aux_loss: Optional[Tensor] = None  # load-balance loss averaged over MoE layers (0 when dense)
     z_loss: Optional[Tensor] = None  # router z-loss averaged over MoE layers (0 when dense)
-    loss: Optional[Tensor] = None  # lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss
+    loss: Optional[Tensor] = None  # lm_loss (distill_loss) + aux_loss_coef * aux_loss + z_loss_coef * z_loss
     cache: Optional[list[KVCache]] = None
     intermediate: list[Optional[dict[str, Any]]] = field(default_factory=list)  # per block
 
@@ -155,15 +157,42 @@ class GPT(nn.Module):
         past_kv: Optional[list[KVCache]] = None,
         return_intermediate: bool = False,
         last_logits_only: bool = False,
+        soft_targets: Optional[SoftTargets] = None,
     ) -> GPTOutput:
         """``last_logits_only``: logits (B, 1, vocab_size) of the last position alone, the one a
-        sampler reads; the output layer is the largest matmul, so generation skips the others."""
-        B, T = idx.shape
+        sampler reads; the output layer is the largest matmul, so generation skips the others.
+        ``soft_targets``: a teacher's hidden states for these positions (B*T rows); the loss distils."""
+        if last_logits_only and targets is not None:
+            raise ValueError("last_logits_only is for sampling: the loss needs every position, pass no targets")
+        x, outputs = self._final_hidden(idx, use_cache, past_kv, return_intermediate)
+        if last_logits_only:
+            x = x[:, -1:]  # (B, 1, C)
+        chunked = targets is not None and (self.config.loss_chunk_size > 0 or soft_targets is not None)
+        result = GPTOutput(
+            logits=None if chunked else self._logits(x),  # chunked: never the full (B, T, V) logits
+            cache=[o.cache for o in outputs] if use_cache else None,
+            intermediate=[o.intermediate for o in outputs] if return_intermediate else [],
+        )
+        result.aux_loss, result.z_loss = self._mean_router_losses(outputs, x)
+        if targets is not None:
+            lm_loss = self._lm_loss(x, result.logits, targets, soft_targets)
+            result.lm_loss, result.kl_loss = lm_loss.ce, lm_loss.kl
+            result.distill_loss = lm_loss.loss if soft_targets is not None else None
+            moe = self.config.moe
+            result.loss = lm_loss.loss + moe.aux_loss_coef * result.aux_loss + moe.z_loss_coef * result.z_loss
+        return result
+
+    def final_hidden(self, idx: Tensor) -> Tensor:
+        """The hidden states (B, T, C) the output layer reads: what a teacher gives its student."""
+        return self._final_hidden(idx, False, None, False)[0]
+
+    def _final_hidden(
+        self, idx: Tensor, use_cache: bool, past_kv: Optional[list[KVCache]], return_intermediate: bool
+    ) -> tuple[Tensor, list[BlockOutput]]:
+        T = idx.shape[1]
         start = 0 if past_kv is None else past_kv[0][0].shape[2]
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.block_size={self.config.block_size}")
-        if last_logits_only and targets is not None:
-            raise ValueError("last_logits_only is for sampling: the loss needs every position, pass no targets")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         outputs = []
@@ -171,35 +200,25 @@ class GPT(nn.Module):
             out = block(x, use_cache, None if past_kv is None else past_kv[i], return_intermediate)
             outputs.append(out)
             x = out.x
-        x = self.transformer.ln_f(x)
-        if last_logits_only:
-            x = x[:, -1:]  # (B, 1, C)
-        result = GPTOutput(
-            logits=self._logits_unless_chunked_loss(x, targets),
-            cache=[o.cache for o in outputs] if use_cache else None,
-            intermediate=[o.intermediate for o in outputs] if return_intermediate else [],
-        )
-        result.aux_loss, result.z_loss = self._mean_router_losses(outputs, x)
-        if targets is not None:
-            result.lm_loss = self._lm_loss(x, result.logits, targets)
-            moe = self.config.moe
-            result.loss = result.lm_loss + moe.aux_loss_coef * result.aux_loss + moe.z_loss_coef * result.z_loss
-        return result
+        return self.transformer.ln_f(x), outputs
 
-    def _logits_unless_chunked_loss(self, x: Tensor, targets: Optional[Tensor]) -> Optional[Tensor]:
-        if targets is not None and self.config.loss_chunk_size > 0:
-            return None  # the loss is computed a chunk at a time, without the full (B, T, V) logits
+    def _logits(self, x: Tensor) -> Tensor:
         # The matmul keeps the padded width (a multiple of 64 runs on fast kernel tiles); the padded
         # columns are no tokens, and left in they would take probability mass from every softmax.
         return self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, vocab_size)
 
-    def _lm_loss(self, x: Tensor, logits: Optional[Tensor], targets: Tensor) -> Tensor:
+    def _lm_loss(
+        self, x: Tensor, logits: Optional[Tensor], targets: Tensor, soft_targets: Optional[SoftTargets]
+    ) -> LMLosses:
         if logits is None:
-            config = self.config
-            return chunked_lm_loss(
-                x.flatten(0, 1), self.lm_head.weight, targets.flatten(), config.loss_chunk_size, config.vocab_size
+            hidden = x.flatten(0, 1)
+            # Distilling with model.loss_chunk_size=0 still goes through the chunk loop: one chunk of every token.
+            chunk_size = self.config.loss_chunk_size or hidden.shape[0]
+            return chunked_losses(
+                hidden, self.lm_head.weight, targets.flatten(), chunk_size, self.config.vocab_size, soft_targets
             )
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return LMLosses(loss, loss, None)
 
     @staticmethod
     def _mean_router_losses(outputs: list[BlockOutput], like: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,10 +21,13 @@ from moe_gpt.errors import Diverged
 from moe_gpt.training.divergence import NonFiniteWatch
 from moe_gpt.training.lightning_internals import logs_training_metrics_at
 from moe_gpt.training.sharding import FSDP2Strategy, shard_gpt
+from moe_gpt.weights.teacher import TEACHER_RECORD, Teacher
 
 
 class GPTLightningModule(L.LightningModule):
-    def __init__(self, model_config: GPTConfig, optim_config: OptimConfig, max_steps: int):
+    def __init__(
+        self, model_config: GPTConfig, optim_config: OptimConfig, max_steps: int, teacher: Optional[Teacher] = None
+    ):
         super().__init__()
         # Plain dicts in the checkpoint, so loading one never needs this code's dataclasses pickled.
         self.save_hyperparameters(
@@ -33,6 +36,8 @@ class GPTLightningModule(L.LightningModule):
         self.optim_config = optim_config
         self.max_steps = max_steps
         self.model = GPT(model_config)
+        # distill.teacher: a plain attribute, not a submodule, so it is never saved, optimised, wrapped or sharded.
+        self.teacher = teacher
         self.val_loss = MeanMetric()
         # Training tokens, all processes together: saved in and restored from checkpoints.
         self.tokens_seen = 0
@@ -50,12 +55,17 @@ class GPTLightningModule(L.LightningModule):
         if isinstance(self.trainer.strategy, FSDP2Strategy):
             shard_gpt(self.model, self.trainer.strategy.sharding_mesh, self.trainer.precision)
 
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:  # to the student's device, and its dtype under a -true precision
+            self.trainer.precision_plugin.convert_module(self.teacher.model.to(self.device))
+
     def on_train_start(self) -> None:
         self._apply_optim_config()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        out = self.model(x, y)
+        soft_targets = self.teacher.soft_targets(x) if self.teacher is not None else None  # under autocast, as below
+        out = self.model(x, y, soft_targets=soft_targets)
         step = self.trainer.global_step + 1  # the optimizer step this batch is part of
         self.non_finite.observe_loss(out.loss, step)
         # Counted here, not at batch end: callbacks that checkpoint at batch end run before the module's hook.
@@ -73,6 +83,8 @@ class GPTLightningModule(L.LightningModule):
         # prog_bar: Lightning would read a progress-bar value on the host after every batch (console.py shows it).
         self.log("train/loss", out.loss, sync_dist=True)
         losses = {"train/lm_loss": out.lm_loss, "train/aux_loss": out.aux_loss, "train/z_loss": out.z_loss}
+        if out.kl_loss is not None:  # distilling: lm_loss is the labels' cross-entropy, distill_loss the mix
+            losses.update({"train/kl_loss": out.kl_loss, "train/distill_loss": out.distill_loss})
         self.log_dict(losses, sync_dist=True)
 
     def _log_epochs(self) -> None:
@@ -159,6 +171,8 @@ class GPTLightningModule(L.LightningModule):
         self.stop_if_diverged()  # a checkpoint holds no weights trained past a non-finite step
         _refuse_non_finite_weights(checkpoint["state_dict"], self.trainer.global_step)
         checkpoint["progress"] = {"tokens_seen": self.tokens_seen}
+        if self.teacher is not None:  # which teacher, not its weights: a resume reloads and checks it
+            checkpoint[TEACHER_RECORD] = self.teacher.fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("progress", {}).get("tokens_seen", 0)

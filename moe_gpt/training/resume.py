@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 RUN_RECORD = "run"  # checkpoint key: {"overrides", "config", "wandb_id", "world_size"}
 SHAPE_KEYS = (*ARCHITECTURE_KEYS, "use_moe")  # a resumed run cannot turn dense into MoE: use init_from
-NOT_CARRIED_OVER = ("resume", "init_from")  # settings of the earlier command that do not apply again
+NOT_CARRIED_OVER = ("resume", "init_from", "distill.init")  # settings of the earlier command that do not apply again
 
 
 @dataclass(frozen=True)

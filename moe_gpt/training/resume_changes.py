@@ -47,6 +47,7 @@ REFUSED: dict[str, str] = {
         )
     },  # fmt: skip
     "seed": BATCH_ORDER,
+    "distill.teacher": "the student was trained towards that teacher's predictions (its file is checked on resume)",
 }
 APPLIED: tuple[str, ...] = (
     *(
@@ -79,8 +80,11 @@ APPLIED: tuple[str, ...] = (
     ),
     *(f"compare.{key}" for key in ("variants", "seeds", "budgets", "match", "eval_data")),
     "compile",
+    "distill.alpha",  # the loss's weights, like the router losses' coefficients
+    "distill.temperature",
 )
-NOT_COMPARED: tuple[str, ...] = ("run_dir", "resume", "init_from")
+# distill.init, like init_from, chooses the first weights only: a resume continues the checkpoint's.
+NOT_COMPARED: tuple[str, ...] = ("run_dir", "resume", "init_from", "distill.init")
 
 
 def config_keys(schema: type = RunConfig, prefix: str = "") -> list[str]:

@@ -31,6 +31,7 @@ from moe_gpt.data.tokenizer import GPT2_N_VOCAB
 from moe_gpt.training.expert_usage import HEATMAP_DIR, ExpertUsageLogger
 from moe_gpt.training.history import LossHistory
 from moe_gpt.weights.init_from import initial_weights
+from moe_gpt.weights.teacher import Teacher, check_same_teacher, load_teacher
 from moe_gpt.training.lit_module import GPTLightningModule
 from moe_gpt.training.loggers import build_loggers
 from moe_gpt.training.preemption import StopAtStepEnd, stop_signals_raise
@@ -64,6 +65,9 @@ def train(cfg: RunConfig, record: Optional[RunRecord] = None) -> dict[str, Any]:
         resume = find_resume(cfg.resume, run_dir)  # before any data: a bad checkpoint fails fast
         changes = check_resumable(resume, cfg) if resume is not None else []
         check_vocabulary(cfg)
+        teacher = load_teacher(cfg.distill, cfg.model)
+        if resume is not None:
+            check_same_teacher(resume.checkpoint, teacher, cfg.resume or "last")
         check_trainer_settings(cfg)
         settle_rank_before_trainer()
         if rank_zero_only.rank == 0:
@@ -72,7 +76,7 @@ def train(cfg: RunConfig, record: Optional[RunRecord] = None) -> dict[str, Any]:
             stack.enter_context(logging_to_file(run_dir))
             if record.save_config_files is not None:
                 record.save_config_files(run_dir)
-        return _train_in_claimed_dir(cfg, record, resume, changes)
+        return _train_in_claimed_dir(cfg, record, resume, changes, teacher)
 
 
 def check_vocabulary(cfg: RunConfig) -> None:
@@ -84,7 +88,7 @@ def check_vocabulary(cfg: RunConfig) -> None:
 
 
 def _train_in_claimed_dir(
-    cfg: RunConfig, record: RunRecord, resume: Optional[Resume], changes: list[str]
+    cfg: RunConfig, record: RunRecord, resume: Optional[Resume], changes: list[str], teacher: Optional[Teacher]
 ) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
@@ -92,10 +96,10 @@ def _train_in_claimed_dir(
     if resume is not None:
         log_applied_changes(changes, resume.step)
     L.seed_everything(cfg.seed, workers=True)
-    init_state = initial_weights(cfg) if resume is None else None  # before the data: a bad init_from fails fast
+    init_state = initial_weights(cfg, teacher) if resume is None else None  # before the data: fails fast
 
     datamodule = TokenDataModule(cfg.data, block_size=cfg.model.block_size, seed=cfg.seed)
-    module = GPTLightningModule(cfg.model, cfg.optim, max_steps=cfg.trainer.max_steps)
+    module = GPTLightningModule(cfg.model, cfg.optim, max_steps=cfg.trainer.max_steps, teacher=teacher)
     if init_state is not None:
         module.model.load_state_dict(init_state)
     if cfg.compile:

@@ -17,16 +17,20 @@ from moe_gpt.config import ConfigError, GPTConfig, RunConfig
 from moe_gpt.weights.grow import check_growable, grow_experts, with_run_router_extras
 from moe_gpt.weights.hf import load_hf_gpt2
 from moe_gpt.model.gpt import GPT
+from moe_gpt.weights.teacher import Teacher
 from moe_gpt.weights.upcycle import upcycle
 
 log = logging.getLogger(__name__)
 
 
-def initial_weights(cfg: RunConfig) -> Optional[dict[str, Tensor]]:
-    """A state dict for ``GPT(cfg.model)`` from ``cfg.init_from``: upcycled, grown, or as it is.
+def initial_weights(cfg: RunConfig, teacher: Optional[Teacher] = None) -> Optional[dict[str, Tensor]]:
+    """A state dict for ``GPT(cfg.model)`` from ``cfg.init_from``: upcycled, grown, or as it is; or gathered from
+    the teacher's experts (``distill.init=experts``).
 
-    None without ``init_from``. (A resumed run does not call this: the checkpoint's weights win.)
+    None without either. (A resumed run does not call this: the checkpoint's weights win.)
     """
+    if cfg.distill.init == "experts":
+        return teacher.student_weights(cfg.model)
     if cfg.init_from is None:
         return None
     source = load_source(cfg.init_from)

@@ -115,18 +115,18 @@ def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
 
 def load_model(path: str | Path, map_location: str = "cpu") -> GPT:
     """The GPT inside a training checkpoint, in eval mode (for generation, analysis and export)."""
-    return model_from_checkpoint(read_checkpoint(path), path).to(map_location)
+    return model_from_checkpoint(read_checkpoint(path), path).to(map_location).eval()
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> GPT:
-    """The GPT of a checkpoint ``read_checkpoint(path)`` returned, in eval mode (its other records stay readable)."""
+    """The GPT of a checkpoint that ``read_checkpoint`` returned (in train mode, as built)."""
     model = GPT(model_config(checkpoint))
     try:
         model.load_state_dict(model_state_dict(checkpoint))
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[0]
         raise ConfigError(f"checkpoint {path}: its weights do not fit its model config ({reason})") from None
-    return model.eval()
+    return model
 
 
 def check_weights_fit(source: GPTConfig, run: GPTConfig, what: str, keys: tuple[str, ...] = ARCHITECTURE_KEYS) -> None:

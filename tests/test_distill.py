@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moe_gpt.compose import compose_run_config
-from moe_gpt.config import DistillConfig, GPTConfig
+from moe_gpt.config import DistillConfig
 from moe_gpt.errors import Interrupted
 from moe_gpt.model.gpt import GPT
 from moe_gpt.training.run import RunRecord, train

@@ -28,10 +28,11 @@ def closing():
 
 
 def test_comparison_curves_are_titled_and_zoomed_on_the_second_half_where_variants_differ(closing):
+    losses = {"dense": [[10.8, 5.0, 4.10, 4.03, 4.00]], "moe-8-2": [[10.8, 4.9, 4.08, 4.00, 3.97], [10.8, 4.9, 4.07, 3.99, 3.96]]}
     rows = [
-        {"variant": "dense", "status": "ok", "val_history": val_history([10.8, 5.0, 4.10, 4.03, 4.00])},
-        {"variant": "moe-8-2", "status": "ok", "val_history": val_history([10.8, 4.9, 4.08, 4.00, 3.97])},
-        {"variant": "moe-8-2", "status": "ok", "val_history": val_history([10.8, 4.9, 4.07, 3.99, 3.96])},
+        {"variant": variant, "status": "ok", "val_loss": seed[-1], "val_history": val_history(seed)}
+        for variant, seeds in losses.items()
+        for seed in seeds
     ]
     draw = lambda ax: draw_variants(ax, rows, "tokens")  # noqa: E731
     figure = curves_figure(draw, "training tokens", "val loss", "tokens: val loss", tokens_axis=True)

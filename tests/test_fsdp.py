@@ -209,7 +209,7 @@ def test_an_fsdp_checkpoint_is_laid_out_as_one_processs_and_every_consumer_reads
 
     generated = script_main("generate", ["--checkpoint", str(path), "--prompt", "def", "--max-new-tokens", "3", "--seed", "0"])
     assert generated.returncode == 0 and generated.stdout.startswith("--- sample 1 ---\ndef"), generated.stderr
-    analyzed = script_main("analyze", ["routing", "--checkpoint", str(path), "--text", "def main():\n    return 0\n"])
+    analyzed = script_main("analyze", ["routing", "--checkpoint", str(path), "--text", "def main():\n    return 0\n", "--json"])
     assert analyzed.returncode == 0 and len(json.loads(analyzed.stdout)["moe_layers"]) == 2, analyzed.stderr
     pruned = script_main("prune_experts", [str(path), "--keep", "2", "--windows", "4", "--out", str(tmp_path / "pruned.ckpt")])
     assert pruned.returncode == 0, pruned.stderr

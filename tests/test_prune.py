@@ -268,7 +268,7 @@ def test_generate_and_analyze_read_the_pruned_checkpoint(pruned_file, load_scrip
     argv = ["--checkpoint", str(pruned_file), "--prompt", "def", "--max-new-tokens", "3", "--seed", "0"]
     assert load_script("generate").main(argv) == 0
     assert capsys.readouterr().out.startswith("--- sample 1 ---\ndef")
-    analyzed = script_main("analyze", ["routing", "--checkpoint", str(pruned_file), "--text", "def main():\n    return 0\n"])
+    analyzed = script_main("analyze", ["routing", "--checkpoint", str(pruned_file), "--text", "def main():\n    return 0\n", "--json"])
     assert analyzed.returncode == 0, analyzed.stderr
     report = json.loads(analyzed.stdout)
     assert [len(layer["expert_share"]) for layer in report["moe_layers"]] == [2, 2]

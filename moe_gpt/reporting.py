@@ -115,9 +115,10 @@ def zoom_on_the_end(ax) -> None:
     lines = [line for line in ax.get_lines() if (line.get_alpha() or 1.0) >= 0.5]
     points = [np.column_stack([line.get_xdata(), line.get_ydata()]) for line in lines]
     points += [path.vertices for band in ax.collections for path in band.get_paths()]
-    points = np.concatenate([p.astype(float) for p in points if len(p)]) if points else np.empty((0, 2))
-    if not len(points):
+    points = [p.astype(float) for p in points if len(p)]
+    if not points:  # nothing drawn yet (a run too short to log): nothing to zoom on
         return
+    points = np.concatenate(points)
     right = points[:, 0].max()
     start = ZOOM_FROM * right
     shown = points[(points[:, 0] >= start) & np.isfinite(points[:, 1])][:, 1]

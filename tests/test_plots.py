@@ -66,3 +66,10 @@ def test_a_run_records_its_training_loss_at_step_0_before_any_update(finished_mo
     assert history[0]["step"] == 0 and history[0]["tokens"] == 0
     assert abs(history[0]["loss"] - math.log(50257)) < 0.5  # a random GPT-2's loss: about ln(vocabulary)
     assert [point["step"] for point in history[1:]] == [1, 2, 3]  # TINY logs every step
+
+
+def test_curves_of_a_run_with_no_logged_point_yet_are_drawn_without_a_zoom(closing):
+    figure = curves_png_figure([], [], "loss curves of a run stopped before its first log")
+    closing(figure)
+    whole, end = figure.axes
+    assert end.get_xlim() == whole.get_xlim()  # left as drawn

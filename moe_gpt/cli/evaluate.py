@@ -22,10 +22,10 @@ from moe_gpt.compare.downstream import (
     evaluate_checkpoint,
     log_to_wandb,
     results_table,
-    run_folder_of,
     write_results,
 )
 from moe_gpt.config import ConfigError, project_path
+from moe_gpt.training.run_folder import run_folder_of
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

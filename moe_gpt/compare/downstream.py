@@ -20,7 +20,7 @@ from moe_gpt.data import load_gpt2_tokenizer
 from moe_gpt.data.tokenizer import GPT2_N_VOCAB
 from moe_gpt.reporting import cell, markdown_table
 from moe_gpt.training.resume import RUN_RECORD
-from moe_gpt.training.run_folder import read_record, write_json
+from moe_gpt.training.run_folder import read_record, saved_checkpoint, write_json
 from moe_gpt.weights.safe_load import model_from_checkpoint, read_checkpoint
 
 OUT_IN_RUN_FOLDER = "lm_eval"  # where a run folder's scores go
@@ -59,19 +59,14 @@ def eval_settings(
 def checkpoint_of(path: str | Path) -> Path:
     """The checkpoint ``path`` names: a .ckpt file, or a run folder's best.ckpt (else its last.ckpt)."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        for name in ("best.ckpt", "last.ckpt"):
-            if (path / "checkpoints" / name).is_file():
-                return path / "checkpoints" / name
+    if not path.is_dir():
+        return path
+    checkpoint = saved_checkpoint(path)
+    if checkpoint is None:
         raise ConfigError(
             f"--checkpoint {path}: a folder without checkpoints/best.ckpt or last.ckpt; pass a run folder or a .ckpt"
         )
-    return path
-
-
-def run_folder_of(checkpoint: Path) -> Optional[Path]:
-    """The run folder a checkpoint was written into (``<run>/checkpoints/x.ckpt``), if it is one."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    return checkpoint
 
 
 def task_manager(settings: EvalSettings):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from moe_gpt.config import ACTIVATIONS, ConfigError, DistillConfig, MoEConfig
+from moe_gpt.training.run_folder import run_folder_of
 
 MATCH_RULES = {  # for reports
     "active": "each expert is 4*n_embd/(top_k + shared experts) wide, so the experts a token uses hold as many "
@@ -109,7 +110,8 @@ def parse_distill_variant(spec: str, earlier: tuple[Variant, ...]) -> Variant:
     if teacher_variant is not None:
         return Variant(spec, f"distill-{teacher_variant.name}{suffix}", overrides, teacher_variant.name)
     path = teacher_checkpoint(spec, teacher)
-    name = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+    folder = run_folder_of(path)
+    name = folder.name if folder is not None else path.stem
     return Variant(spec, f"distill-{name}{suffix}", [*overrides, f"distill.teacher={path}"])
 
 

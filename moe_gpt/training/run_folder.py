@@ -48,6 +48,16 @@ def settle_rank_before_trainer() -> None:
         rank_zero_only.rank = node_rank
 
 
+def saved_checkpoint(run_dir: Path, names: tuple[str, ...] = ("best.ckpt", "last.ckpt")) -> Optional[Path]:
+    """The first of ``names`` that the run folder's ``checkpoints/`` holds, else None."""
+    return next((run_dir / "checkpoints" / name for name in names if (run_dir / "checkpoints" / name).is_file()), None)
+
+
+def run_folder_of(checkpoint: Path) -> Optional[Path]:
+    """The run folder a checkpoint was written into (``<run>/checkpoints/x.ckpt``), if it is one."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
 def has_checkpoints(run_dir: Path) -> bool:
     checkpoints = run_dir / "checkpoints"
     return checkpoints.is_dir() and any(checkpoints.iterdir())

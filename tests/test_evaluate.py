@@ -263,6 +263,13 @@ def test_bad_arguments_are_one_line_and_exit_code_2(tiny_checkpoint, tmp_path, a
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_that_does_not_exist_is_named_in_one_line(tmp_path):
+    missing = tmp_path / "no.ckpt"
+    result = script_main("evaluate", ["--checkpoint", str(missing), "--tasks", TASK])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: --checkpoint {missing} does not exist; pass a .ckpt or a run folder"]
+
+
 def test_a_checkpoint_outside_a_run_folder_needs_out(tiny_checkpoint, tmp_path):
     lone = tmp_path / "lone.ckpt"
     lone.write_bytes(tiny_checkpoint.read_bytes())

@@ -59,6 +59,8 @@ def eval_settings(
 def checkpoint_of(path: str | Path) -> Path:
     """The checkpoint ``path`` names: a .ckpt file, or a run folder's best.ckpt (else its last.ckpt)."""
     path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"--checkpoint {path} does not exist; pass a .ckpt or a run folder")
     if not path.is_dir():
         return path
     checkpoint = saved_checkpoint(path)

@@ -11,8 +11,11 @@ from moe_gpt.compare.distilled import gain_kept_sentences, share_kept
 from moe_gpt.compare.plan import Budget, plan_run
 from moe_gpt.compare.speedup import add_speedups, reach, speedup_table
 from moe_gpt.compare.variants import parse_variants
+from moe_gpt.compose import compose_run_config
 from moe_gpt.config import ConfigError
+from tests.conftest import REPO_ROOT
 from tests.helpers import TINY
+from tests.test_evaluate import TASK, TASKS
 
 # val loss 4.0 -> 3.0 -> 2.0 at steps 10, 20, 30 (1,000 tokens and 2 seconds a step)
 HISTORY = [{"step": s, "tokens": 1000 * s, "seconds": 2.0 * s, "val_loss": loss} for s, loss in ((10, 4.0), (20, 3.0), (30, 2.0))]
@@ -104,6 +107,12 @@ def test_a_distill_variant_is_a_dense_student_taught_by_an_earlier_variants_run_
     assert run.overrides[-1] == f"distill.teacher={teacher}"
 
 
+def test_a_taught_variant_gathered_from_its_teachers_experts_composes_before_its_teacher_is_trained():
+    *_, student = parse_variants(["dense", "moe:4:2", "distill:moe:4:2:init=experts"], 32, "active")
+    config = compose_run_config(TINY + student.shared_overrides)  # what compare.py composes before any run
+    assert (config.distill.init, config.distill.teacher, config.model.use_moe) == ("experts", "moe-4-2", False)
+
+
 def test_a_distill_variant_takes_a_checkpoint_or_a_run_folder_and_refuses_a_teacher_that_is_neither(
     tiny_moe_checkpoint, tmp_path
 ):
@@ -119,27 +128,40 @@ def test_a_distill_variant_takes_a_checkpoint_or_a_run_folder_and_refuses_a_teac
         parse_variants(["dense", "distill:moe:8:2", "moe:8:2"], 32, "active")  # the teacher must come first
 
 
-@pytest.mark.slow  # six runs of train.py
+@pytest.mark.slow  # six runs of train.py, each scored by lm-eval
 @pytest.mark.timeout(900)  # on a busy 2-core machine the MoE runs alone took 50 s
-def test_a_tiny_comparison_with_a_distilled_student_reports_speed_ups_and_the_gain_it_keeps(
-    tmp_path, corpus_overrides, capsys
+def test_a_tiny_three_way_comparison_reports_speed_ups_the_gain_kept_and_scores_that_a_rerun_reads_back(
+    tmp_path, corpus_overrides, capsys, monkeypatch
 ):
+    monkeypatch.chdir(REPO_ROOT)  # lm-eval reads the tiny task's data_files relative to the working directory
     out = tmp_path / "report"
-    args = ["--out", str(out), "--variants", "dense,moe:4:2,distill:moe:4:2", "--seeds", "2"]
+    student = "distill-moe-4-2-init-experts"
+    args = ["--out", str(out), "--variants", "dense,moe:4:2,distill:moe:4:2:init=experts", "--seeds", "2"]
+    args += ["--eval-tasks", TASK, "--eval-include-path", str(TASKS)]
     short = ["logger=none", "trainer.max_steps=4", "trainer.val_check_interval=2"]
     assert compare_main(args + TINY + corpus_overrides + short) == 0
     printed = capsys.readouterr().out
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert [(row["variant"], row["status"]) for row in rows] == [
-        (variant, "ok") for variant in ("dense", "moe-4-2", "distill-moe-4-2") for _ in (1, 2)
+        (variant, "ok") for variant in ("dense", "moe-4-2", student) for _ in (1, 2)
     ]
     for row in rows:
         assert {"tokens_to_target", "steps_to_target", "seconds_to_target", "speedup_tokens"} <= row.keys()
     assert all(float(row["speedup_steps"]) == 1.0 for row in rows[:2])
-    overrides = (out / "tokens" / "distill-moe-4-2" / "seed-1338" / ".hydra" / "overrides.yaml").read_text()
+    overrides = (out / "tokens" / student / "seed-1338" / ".hydra" / "overrides.yaml").read_text()
     assert str(out / "tokens" / "moe-4-2" / "seed-1338" / "checkpoints" / "best.ckpt") in overrides
+    assert "in 2 slice(s)" in (out / "tokens" / student / "seed-1338" / "train.log").read_text()  # 64-wide experts
     report = (out / "report.md").read_text()
-    assert "Speed-up to the first variant's final val loss" in report and "| distill-moe-4-2 |" in report
+    assert "Speed-up to the first variant's final val loss" in report and f"| {student} |" in report
     # 4 steps are too few for the teacher to beat dense reliably: either sentence is the report's
-    assert "- distill-moe-4-2 keeps" in report or "- distill-moe-4-2: moe-4-2 is no better than dense" in report
+    assert f"- {student} keeps" in report or f"- {student}: moe-4-2 is no better than dense" in report
     assert "Speed-up to the first variant's final val loss" in printed
+
+    assert f"| variant | {TASK} acc (mean ± std) | {TASK} acc_norm (mean ± std) |" in report
+    assert f"lm-eval {TASK} acc" in report and "2 seeds" in report
+    scored = sorted(out.glob("tokens/*/seed-*/lm_eval/results.json"))
+    assert len(scored) == 6
+    stamps = {path: path.stat().st_mtime_ns for path in scored}
+    assert compare_main(args + TINY + corpus_overrides + short) == 0
+    assert {path: path.stat().st_mtime_ns for path in scored} == stamps  # read back, not evaluated again
+    assert (out / "report.md").read_text() == report

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from moe_gpt.compose import compose_run_config
-from moe_gpt.config import DistillConfig
+from moe_gpt.config import ConfigError, DistillConfig
 from moe_gpt.errors import Interrupted
 from moe_gpt.model.gpt import GPT
 from moe_gpt.training.run import RunRecord, train
 from moe_gpt.weights.gather import checkpoint_usage, expert_weights
-from moe_gpt.weights.safe_load import model_state_dict, read_checkpoint
+from moe_gpt.weights.safe_load import model_config, model_state_dict, read_checkpoint
 from moe_gpt.weights.teacher import TEACHER_RECORD, load_teacher
 from tests.helpers import TINY, csv_column, error_lines, folder_state, run_train_cli, train_main
 from tests.test_checkpoint_safety import with_flipped_bytes
@@ -35,26 +35,75 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
-def identical_experts_teacher(teacher: Path, folder: Path) -> Path:
-    """A copy of the teacher checkpoint whose experts all equal expert 0 of each layer."""
+def teacher_with_experts(teacher: Path, folder: Path, hidden_size: int, identical: bool) -> Path:
+    """A copy of the teacher checkpoint with fresh experts ``hidden_size`` wide (all equal to expert 0 if ``identical``)."""
     checkpoint = torch.load(teacher, weights_only=True)
-    for key, tensor in checkpoint["state_dict"].items():
+    config = checkpoint["hyper_parameters"]["model_config"]
+    config["moe"] = {**config["moe"], "hidden_size": hidden_size}
+    torch.manual_seed(hidden_size)
+    fresh = GPT(model_config(checkpoint)).state_dict()
+    for key in list(checkpoint["state_dict"]):
         if ".mlp.experts." in key:
-            tensor[1:] = tensor[0]
-    path = folder / "identical.ckpt"
+            tensor = fresh[key.removeprefix("model.")]
+            if "bias" in key:  # built as zeros; nonzero so that the gathered biases are checked too
+                tensor.normal_(std=0.02)
+            if identical:
+                tensor[1:] = tensor[0]
+            checkpoint["state_dict"][key] = tensor
+    path = folder / f"experts-{hidden_size}-{'identical' if identical else 'fresh'}.ckpt"
     torch.save(checkpoint, path)
     return path
 
 
-def test_a_dense_student_gathered_from_identical_experts_computes_the_teachers_logits(tiny_moe_checkpoint, tmp_path):
-    path = identical_experts_teacher(tiny_moe_checkpoint, tmp_path)
+def gathered_student(teacher_path: Path) -> tuple[GPT, GPT]:
+    """(the dense TINY student gathered from ``teacher_path``, the teacher), both in eval mode."""
     student_config = compose_run_config(TINY + ["model=dense"]).model
-    teacher = load_teacher(DistillConfig(teacher=str(path), init="experts"), student_config)
+    teacher = load_teacher(DistillConfig(teacher=str(teacher_path), init="experts"), student_config)
     student = GPT(student_config).eval()
     student.load_state_dict(teacher.student_weights(student_config))
-    idx = torch.randint(student_config.vocab_size, (3, student_config.block_size))
+    return student, teacher.model
+
+
+@pytest.mark.parametrize("hidden_size", [128, 64, 32])  # 1, 2 and 4 expert-wide slices of the 128-wide dense MLP
+def test_a_dense_student_gathered_from_identical_experts_computes_the_teachers_logits(
+    tiny_moe_checkpoint, tmp_path, hidden_size
+):
+    student, teacher = gathered_student(teacher_with_experts(tiny_moe_checkpoint, tmp_path, hidden_size, identical=True))
+    idx = torch.randint(student.config.vocab_size, (3, student.config.block_size))
     with torch.no_grad():
-        torch.testing.assert_close(student(idx).logits, teacher.model(idx).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(student(idx).logits, teacher(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_half_width_experts_are_dealt_by_usage_into_two_slices_each_scaled_by_its_groups_share(
+    tiny_moe_checkpoint, tmp_path
+):
+    path = teacher_with_experts(tiny_moe_checkpoint, tmp_path, 64, identical=False)
+    student, teacher = gathered_student(path)
+    usage = checkpoint_usage(read_checkpoint(path), 4)[1]  # layer 1's token-slots per expert
+    weights = usage / usage.sum()
+    ranked = sorted(range(4), key=lambda e: -float(weights[e]))
+    groups = [ranked[0::2], ranked[1::2]]  # the 1st and 3rd most used; the 2nd and 4th
+    experts = teacher.transformer.h[1].mlp.experts
+    expected_fc, expected_proj, expected_bias = [], [], 0
+    for group in groups:
+        share = float(weights[group].sum())
+        within = [float(weights[e]) / share for e in group]
+        expected_fc.append(sum(w * experts.c_fc_weight[e] for w, e in zip(within, group)))
+        expected_proj.append(share * sum(w * experts.c_proj_weight[e] for w, e in zip(within, group)))
+        expected_bias = expected_bias + share * sum(w * experts.c_proj_bias[e] for w, e in zip(within, group))
+    mlp = student.transformer.h[1].mlp
+    torch.testing.assert_close(mlp.c_fc.weight, torch.cat(expected_fc, 0))
+    torch.testing.assert_close(mlp.c_proj.weight, torch.cat(expected_proj, 1))
+    torch.testing.assert_close(mlp.c_proj.bias, expected_bias)
+
+
+@pytest.mark.parametrize("hidden_size, reason", [(48, "48 wide"), (16, "16 wide")])  # 128/48 is no whole number; 8 slices > 4 experts
+def test_experts_whose_width_does_not_slice_the_dense_mlp_are_refused_in_one_line(
+    tiny_moe_checkpoint, tmp_path, hidden_size, reason
+):
+    path = teacher_with_experts(tiny_moe_checkpoint, tmp_path, hidden_size, identical=False)
+    with pytest.raises(ConfigError, match=f"experts are {reason}; the dense MLP .* use distill.init=scratch"):
+        gathered_student(path)
 
 
 def test_the_dense_mlp_is_the_usage_weighted_mean_of_the_experts_or_their_plain_mean_without_counts(

@@ -27,6 +27,7 @@ RUNS = {
     "scripts/fetch_tokenizer.py": (["--dir", str(REPO / "data" / "tokenizer")], 0, "already present and verified"),
     "scripts/generate.py": (["--help"], 0, "usage: generate.py"),
     "scripts/gpu_check.py": (["--help"], 0, "usage: gpu_check.py"),
+    "scripts/make_next_line_task.py": (["--out", "x", "--questions", "0"], 2, "error: --questions 0 must be at least 1"),
     "scripts/prune_experts.py": (["--help"], 0, "usage: prune_experts.py"),
     "scripts/summarize_sweep.py": (["--help"], 0, "usage: summarize_sweep.py"),
 }

@@ -329,29 +329,3 @@ def test_bad_eval_arguments_of_a_comparison_are_one_line_before_anything_trains(
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --eval-limit 0 must be >= 1 (leave it out to evaluate every document)"
     assert not (tmp_path / "report").exists()
-
-
-@pytest.mark.slow  # trains 4 runs
-def test_a_comparison_scores_every_best_checkpoint_and_a_rerun_reads_the_scores_back(tmp_path, corpus_overrides):
-    from tests.helpers import run_main
-    from moe_gpt.cli.compare import main as compare_main
-
-    out = tmp_path / "report"
-    args = ["--out", str(out), "--variants", "dense,moe:4:2", "--seeds", "2", "--eval-tasks", TASK]
-    args += ["--eval-include-path", str(TASKS), *TINY, *corpus_overrides, "logger=none"]
-    result = run_main(compare_main, args)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    report = (out / "report.md").read_text()
-    assert f"| variant | {TASK} acc (mean ± std) | {TASK} acc_norm (mean ± std) |" in report
-    assert f"lm-eval {TASK} acc" in report and "2 seeds" in report
-    scored = sorted(out.glob("tokens/*/seed-*/lm_eval/results.json"))
-    assert len(scored) == 4
-    accuracy = {path: json.loads(path.read_text())["results"][TASK]["acc,none"] for path in scored}
-    stamps = {path: path.stat().st_mtime_ns for path in scored}
-
-    again = run_main(compare_main, args)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert {path: path.stat().st_mtime_ns for path in scored} == stamps  # read back, not evaluated again
-    assert (out / "report.md").read_text() == report
-    assert all(0 <= value <= 1 for value in accuracy.values())

@@ -104,7 +104,7 @@ def compare(args: argparse.Namespace, command: str) -> None:
     variants = parse_variants(chosen.variants, run_config.model.n_embd, chosen.match)  # all checked first
     budgets = parse_budgets(chosen.budgets)
     seeds = [run_config.seed + i for i in range(chosen.seeds)]
-    configs = {variant.name: compose_run_config(base + variant.overrides) for variant in variants}
+    configs = {variant.name: compose_run_config(base + variant.shared_overrides) for variant in variants}
     eval_data = eval_data_config(chosen.eval_data, run_config.data) if chosen.eval_data else None
     downstream = downstream_settings(args, run_config)
     out_dir = (

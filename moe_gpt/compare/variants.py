@@ -46,6 +46,15 @@ class Variant:
     overrides: list[str]
     teacher_variant: Optional[str] = None  # distill:<variant>: that variant's run of the same budget and seed teaches
 
+    @property
+    def shared_overrides(self) -> list[str]:
+        """The overrides of every run of this variant, for the config its runs share: a taught variant's
+        teacher is a different checkpoint per seed (``plan_run`` adds it), so it stands here as the
+        teacher variant's name (the config checks ``distill.init=experts`` has a teacher)."""
+        if self.teacher_variant is None:
+            return self.overrides
+        return [*self.overrides, f"distill.teacher={self.teacher_variant}"]
+
 
 def parse_variant(spec: str, n_embd: int, match: str, earlier: tuple[Variant, ...] = ()) -> Variant:
     """``dense``, ``moe:E:K[:activation][:key=value...]`` (any model.moe key) or ``distill:<teacher>[:key=value...]``

@@ -58,6 +58,18 @@ def test_speedups_per_seed_their_mean_with_an_interval_and_not_reached():
     table = speedup_table(rows)
     assert "| moe | 3/3 seeds | 0.011 | 3.00x (0.52 to 5.48) |" in table
     assert "| worse | 0/3 seeds | not reached |" in table
+    assert "≥" not in table
+
+
+def test_a_target_reached_at_the_first_validation_gives_a_speed_up_marked_as_a_lower_bound():
+    rows = [run_row("dense", seed, HISTORY) for seed in (1, 2)]
+    rows += [run_row("student", seed, scaled(HISTORY, 1.0, loss_shift=-2.5)) for seed in (1, 2)]  # 1.5 at step 10
+    add_speedups(rows)
+    assert [row["reached_at_first_validation"] for row in rows] == [False, False, True, True]
+    assert rows[2]["speedup_steps"] == 3.0  # 30 steps against at most 10
+    table = speedup_table(rows)
+    assert "| student | 2/2 seeds | ≤0.010 | ≥3.00x (3.00 to 3.00) |" in table
+    assert "already at the target at its first validation" in table
 
 
 def test_a_run_whose_last_step_is_no_validation_step_ends_its_curve_at_its_final_loss():

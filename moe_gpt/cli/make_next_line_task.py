@@ -1,8 +1,8 @@
 """Write a downstream task from the corpus's held-out documents: which line of code comes next?
 
-    python scripts/make_next_line_task.py --out eval_tasks/next_line              # the default corpus
-    python scripts/make_next_line_task.py --out eval_tasks/wiki data=wikitext103  # any data= option
-    python scripts/evaluate.py --checkpoint <run> --tasks moe_gpt_next_line --include-path eval_tasks/next_line
+    python scripts/make_next_line_task.py --out outputs/eval_tasks/next_line              # the default corpus
+    python scripts/make_next_line_task.py --out outputs/eval_tasks/wiki data=wikitext103  # any data= option
+    python scripts/evaluate.py --checkpoint <run> --tasks moe_gpt_next_line --include-path outputs/eval_tasks/next_line
 
 Arguments after the options are train.py's Hydra overrides; only data.* matters (the corpus and
 its val_fraction). How the questions are made: moe_gpt/compare/next_line_task.py.

@@ -6,7 +6,9 @@ final point) is read as a piecewise-linear curve, and the first place it reaches
 interpolated between the two validations around it: tokens, step and seconds alike. A run that
 never gets there is "not reached". The speed-up of a candidate is the first variant's amount
 divided by the candidate's (2.0: it got there with half the tokens), per seed; its mean gets a 95%
-t-interval over the seeds where it was reached.
+t-interval over the seeds where it was reached. A run already at the target at its first validation
+got there somewhere before it: its amount is an upper bound and its speed-up a lower bound, marked
+"≥" in the table (validate more often, ``trainer.val_check_interval``, to place it).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from moe_gpt.compare.verdict import mean_interval
 from moe_gpt.reporting import markdown_table
 
 AXES = {"tokens": "tokens", "steps": "step", "seconds": "seconds"}  # report name -> the history entry's key
-COLUMNS = [f"{axis}_to_target" for axis in AXES] + [f"speedup_{axis}" for axis in AXES]  # report.csv's
+EARLY = "reached_at_first_validation"  # the amounts are upper bounds, the speed-ups lower bounds
+COLUMNS = [f"{axis}_to_target" for axis in AXES] + [f"speedup_{axis}" for axis in AXES] + [EARLY]  # report.csv's
 
 
 def reach(history: list[dict[str, float]], target: float) -> Optional[dict[str, float]]:
@@ -56,7 +59,9 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
         if baseline is None:
             continue
         target = baseline["val_loss"]
-        candidate, reference = reach(full_history(row), target), reach(full_history(baseline), target)
+        history = full_history(row)
+        candidate, reference = reach(history, target), reach(full_history(baseline), target)
+        row[EARLY] = history[0]["val_loss"] <= target
         for axis in AXES:
             row[f"{axis}_to_target"] = candidate[axis] if candidate else None
             reached = candidate is not None and reference is not None and candidate[axis] > 0
@@ -75,10 +80,17 @@ def speedup_table(rows: list[dict[str, Any]]) -> str:
         if not reached:
             body.append(line + ["not reached"] + [""] * len(AXES))
             continue
-        line.append(f"{sum(row['tokens_to_target'] for row in reached) / len(reached) / 1e6:.3f}")
-        line += [factor_cell([row[f"speedup_{axis}"] for row in reached]) for axis in AXES]
+        bound = "≥" if any(row.get(EARLY) for row in reached) else ""
+        line.append(f"{'≤' if bound else ''}{sum(row['tokens_to_target'] for row in reached) / len(reached) / 1e6:.3f}")
+        line += [bound + factor_cell([row[f"speedup_{axis}"] for row in reached]) for axis in AXES]
         body.append(line)
-    return markdown_table(header, body)
+    table = markdown_table(header, body)
+    if any(row.get(EARLY) for row in rows if row["variant"] != variants[0]):
+        table += (
+            "\n\n≥: some seed was already at the target at its first validation, so it got there sooner than this "
+            "says; validate more often (trainer.val_check_interval) to place it."
+        )
+    return table
 
 
 def factor_cell(factors: list[float]) -> str:

@@ -7,12 +7,13 @@ setup:
 train: setup
 	.venv/bin/python train.py $(ARGS)
 
+# Two workers, one thread each (and in the processes they start): the tests' models are tiny, so one
+# thread per worker wastes less than two threads sharing one test, and two workers of two threads each
+# would fight over the 2 cores; worksteal keeps both busy when the longest tests land on one.
+# Measured: docs/testing.md.
 test: setup
-	.venv/bin/python -m pytest -m "not slow" --durations=15 $(ARGS)
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -m "not slow" -n 2 --dist worksteal --durations=15 $(ARGS)
 
-# Two workers, one thread each (and in the processes they start): the slow tests mostly wait on the
-# processes they start, and two workers of two threads each would fight over the 2 cores.
-# worksteal keeps both busy when the longest tests land on one.
 test-slow: setup
 	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -m slow -n 2 --dist worksteal --durations=15 $(ARGS)
 

@@ -152,7 +152,7 @@ def test_a_tiny_three_way_comparison_reports_speed_ups_the_gain_kept_and_scores_
     args += ["--eval-tasks", TASK, "--eval-include-path", str(TASKS)]
     short = ["logger=none", "trainer.max_steps=4", "trainer.val_check_interval=2"]
     assert compare_main(args + TINY + corpus_overrides + short) == 0
-    printed = capsys.readouterr().out
+    printed, noted = capsys.readouterr()
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert [(row["variant"], row["status"]) for row in rows] == [
         (variant, "ok") for variant in ("dense", "moe-4-2", student) for _ in (1, 2)
@@ -173,6 +173,8 @@ def test_a_tiny_three_way_comparison_reports_speed_ups_the_gain_kept_and_scores_
     assert f"lm-eval {TASK} acc" in report and "2 seeds" in report
     scored = sorted(out.glob("tokens/*/seed-*/lm_eval/results.json"))
     assert len(scored) == 6
+    assert "it/s]" not in printed + noted  # lm-eval's progress bars are in each run's lm_eval/output.log
+    assert "it/s]" in (out / "tokens" / "dense" / "seed-1337" / "lm_eval" / "output.log").read_text()
     stamps = {path: path.stat().st_mtime_ns for path in scored}
     assert compare_main(args + TINY + corpus_overrides + short) == 0
     assert {path: path.stat().st_mtime_ns for path in scored} == stamps  # read back, not evaluated again

@@ -10,6 +10,7 @@ saying what to do instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from moe_gpt.weights.safe_load import model_from_checkpoint, read_checkpoint
 
 OUT_IN_RUN_FOLDER = "lm_eval"  # where a run folder's scores go
 RESULTS_FILE = "results.json"
+CONSOLE_LOG = "output.log"  # in a comparison: what lm-eval printed while scoring the run
 TABLE_FILE = "results.md"
 STDERR_SUFFIX = "_stderr"
 
@@ -256,8 +258,13 @@ def cached_scores(run_dir: Path, checkpoint: Path, settings: EvalSettings) -> li
         cached = read_record(path)
         if cached.get("settings") == settings_record(settings) and cached.get("checkpoint") == str(checkpoint):
             return cached["scores"]
-    results = evaluate_checkpoint(checkpoint, settings)
-    write_results(run_dir / OUT_IN_RUN_FOLDER, results, settings)
+    folder = run_dir / OUT_IN_RUN_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    # lm-eval's progress bars and notes go to the run's lm_eval/output.log, so the comparison's console
+    # says only what each run did, as for its training (the run's output.log).
+    with open(folder / CONSOLE_LOG, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        results = evaluate_checkpoint(checkpoint, settings)
+    write_results(folder, results, settings)
     log_to_wandb(run_dir, results)
     return scores(results)
 

@@ -49,3 +49,12 @@ def failing_command(argv: list[str]) -> None:
 def test_a_command_error_is_one_line_with_its_exit_code(kind, code, capsys):
     assert failing_command([kind]) == code
     assert capsys.readouterr().err == f"error: {kind} is wrong (a second line)\n"
+
+
+def test_overrides_may_come_before_between_and_after_the_options(capsys):
+    # compare.py's options are checked before anything trains: a refused --seeds shows that the whole
+    # command line was read (argparse's plain parse refuses the overrides after an option instead).
+    argv = ["experiment=compare_small", "--seeds", "0", "model.dropout=0.1", "--budget", "tokens", "seed=3"]
+    assert importlib.import_module("moe_gpt.cli.compare").main(argv) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "unrecognized arguments" not in line and "--seeds" in line, line

@@ -37,6 +37,14 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message}; see {self.prog} --help")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        # train.py overrides may come before, between and after the options (`compare.py experiment=x --seeds 3
+        # model.dropout=0.1`); plain parse_args takes one run of positionals and refuses the rest.
+        # argparse cannot intermix with subcommands (analyze.py), which keep the plain parse.
+        if self._subparsers is None:
+            return self.parse_intermixed_args(args, namespace)
+        return super().parse_args(args, namespace)
+
 
 def entry_point(*, runs_model: bool) -> Callable[[Callable[[list[str]], Optional[int]]], Main]:
     """Make ``command(argv) -> exit code or None (0)`` a ``main(argv=None) -> int``.

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 def parallel_layout(trainer: TrainerConfig) -> ParallelLayout:
     """The processes and what they shard, from the run's trainer settings."""
     from moe_gpt.model.analysis import ParallelLayout
-    from moe_gpt.training.sharding import FSDP
+    from moe_gpt.training.parallel_settings import FSDP
 
     devices = trainer.devices
     if isinstance(devices, str) and "," in devices:
@@ -50,7 +50,7 @@ def parallel_layout(trainer: TrainerConfig) -> ParallelLayout:
 
 def analyze_config(args: argparse.Namespace) -> None:
     from moe_gpt.model.analysis import flops_per_token, memory_estimate, parameter_counts, recommended_settings
-    from moe_gpt.training.sharding import check_expert_parallel
+    from moe_gpt.training.parallel_settings import check_expert_parallel
 
     run = compose_run_config(args.overrides)
     batch_size = args.batch_size or run.data.batch_size

@@ -31,6 +31,18 @@ RUNS = {
     "scripts/prune_experts.py": (["--help"], 0, "usage: prune_experts.py"),
     "scripts/summarize_sweep.py": (["--help"], 0, "usage: summarize_sweep.py"),
 }
+# What takes seconds to import: a command imports them only once its arguments are checked.
+HEAVY_MODULES = ("torch", "lightning", "datasets", "transformers", "lm_eval", "wandb", "matplotlib")
+# Imports every command module in turn; prints, per module, the heavy packages its import loaded.
+HEAVY_IMPORTS_BY_MODULE = """
+import importlib, json, sys
+heavy, loaded = set(json.loads(sys.argv[1])), {}
+for name in json.loads(sys.argv[2]):
+    before = set(sys.modules)
+    importlib.import_module(f"moe_gpt.cli.{name}")
+    loaded[name] = sorted({module.split(".")[0] for module in set(sys.modules) - before} & heavy)
+print(json.dumps(loaded))
+"""
 
 
 def console_scripts() -> dict[str, str]:
@@ -47,6 +59,20 @@ def test_every_command_is_a_console_script_named_after_its_module_and_has_a_wrap
     assert console_scripts() == {f"moe-gpt-{name.replace('_', '-')}": f"moe_gpt.cli.{name}:main" for name in commands}
     wrappers = {path.removeprefix("scripts/").removesuffix(".py") for path in RUNS}
     assert wrappers == commands  # train.py's wrapper sits at the top, the others in scripts/
+
+
+def test_no_command_module_imports_torch_lightning_or_the_like_until_it_runs():
+    # A fresh interpreter, since this process has imported all of them already.
+    names = sorted(path.stem for path in (REPO / "moe_gpt" / "cli").glob("*.py"))
+    result = subprocess.run(
+        [sys.executable, "-c", HEAVY_IMPORTS_BY_MODULE, json.dumps(HEAVY_MODULES), json.dumps(names)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = json.loads(result.stdout)
+    assert set(loaded) == set(names)
+    offenders = {f"moe_gpt.cli.{name}": heavy for name, heavy in loaded.items() if heavy}
+    assert not offenders, f"importing these command modules imports (module: heavy packages) {offenders}"
 
 
 @pytest.mark.slow  # twelve interpreters that import torch: ~3-5 s each on 2 cores

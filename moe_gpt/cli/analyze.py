@@ -11,29 +11,26 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from moe_gpt.model.analysis import (
-    ParallelLayout,
-    flops_per_token,
-    memory_estimate,
-    parameter_counts,
-    recommended_settings,
-    routing_report,
-)
-from moe_gpt.training.sharding import FSDP, check_expert_parallel
-from moe_gpt.weights.safe_load import load_model
 from moe_gpt.compose import compose_run_config
 from moe_gpt.config import ConfigError, TrainerConfig, project_path, run_warnings
 from moe_gpt.data import load_gpt2_tokenizer
-from moe_gpt.model.intermediate import to_jsonable
 from moe_gpt.reporting import markdown_table
 from moe_gpt.cli.common import ArgumentParser, entry_point
+
+if TYPE_CHECKING:
+    from moe_gpt.model.analysis import ParallelLayout
+
+# torch and Lightning are imported by the subcommand that runs, after the command line is parsed:
+# --help and a malformed command line answer at once.
 
 
 def parallel_layout(trainer: TrainerConfig) -> ParallelLayout:
     """The processes and what they shard, from the run's trainer settings."""
+    from moe_gpt.model.analysis import ParallelLayout
+    from moe_gpt.training.parallel_settings import FSDP
+
     devices = trainer.devices
     if isinstance(devices, str) and "," in devices:
         devices = len([part for part in devices.split(",") if part.strip()])
@@ -52,6 +49,9 @@ def parallel_layout(trainer: TrainerConfig) -> ParallelLayout:
 
 
 def analyze_config(args: argparse.Namespace) -> None:
+    from moe_gpt.model.analysis import flops_per_token, memory_estimate, parameter_counts, recommended_settings
+    from moe_gpt.training.parallel_settings import check_expert_parallel
+
     run = compose_run_config(args.overrides)
     batch_size = args.batch_size or run.data.batch_size
     layout = parallel_layout(run.trainer)
@@ -79,6 +79,12 @@ def analyze_routing(args: argparse.Namespace) -> None:
     text = Path(args.text_file).read_text() if args.text_file else args.text
     if not text:
         raise ConfigError("routing needs --text or --text-file with some text")
+    import torch
+
+    from moe_gpt.model.analysis import routing_report
+    from moe_gpt.model.intermediate import to_jsonable
+    from moe_gpt.weights.safe_load import load_model
+
     model = load_model(args.checkpoint)
     if not model.moe_layers():
         raise ConfigError(f"{args.checkpoint} is a dense model: it has no routing to report")

@@ -21,14 +21,14 @@ import argparse
 import statistics
 import sys
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from moe_gpt.config import GPTConfig, MoEConfig
 from moe_gpt.errors import EXIT_FAILED
-from moe_gpt.model.experts import FeedForward
-from moe_gpt.model.moe import MoELayer
 from moe_gpt.cli.common import ArgumentParser, entry_point
+
+if TYPE_CHECKING:  # torch is imported once the command line is parsed: --help answers at once
+    import torch
 
 IMPLS = ("auto", "grouped_mm", "loop")
 GOALS = {(8, 2): 1.10, (16, 2): 1.25, (64, 8): 1.25}  # (experts, top_k) -> most grouped / dense
@@ -36,6 +36,8 @@ GOALS = {(8, 2): 1.10, (16, 2): 1.25, (64, 8): 1.25}  # (experts, top_k) -> most
 
 def time_step(forward, x: torch.Tensor) -> float:
     """Seconds for one forward + backward."""
+    import torch
+
     if x.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -57,6 +59,10 @@ def compare(candidates: dict, x: torch.Tensor, repeats: int) -> dict[str, float]
 
 
 def moe_layer(n_embd: int, experts: int, top_k: int, impl: str, device: str, dtype: torch.dtype):
+    import torch
+
+    from moe_gpt.model.moe import MoELayer
+
     moe = MoEConfig(experts, top_k, hidden_size=4 * n_embd // top_k, experts_impl=impl)
     torch.manual_seed(0)  # both layers get the same weights, so they route alike
     layer = MoELayer(GPTConfig(n_embd=n_embd, n_head=1, use_moe=True, moe=moe)).to(device, dtype)
@@ -78,6 +84,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
+    import torch
+
+    from moe_gpt.model.experts import FeedForward
+
     dtype = getattr(torch, args.dtype)
     print(
         f"device={args.device} dtype={args.dtype} tokens={args.tokens} n_embd={args.n_embd} threads={torch.get_num_threads()}"

@@ -35,18 +35,16 @@ from typing import Any, Optional
 
 from moe_gpt.cli.common import ArgumentParser, entry_point
 from moe_gpt.compare.downstream import EvalSettings, cached_scores, eval_settings, report_fields
-from moe_gpt.compare.held_out import cached_held_out_loss, eval_data_config
 from moe_gpt.compare.plan import STATE_FILE, PlannedRun, load_state, parse_budgets, save_state
-from moe_gpt.compare.report import ReportContext, usage_heatmap, write_report
 from moe_gpt.compare.runner import plan_budget, runs_told_their_comparison, train
 from moe_gpt.compare.variants import MATCH_RULES, MATCHING, parse_variants
 from moe_gpt.compose import compose_run_config, merge_overrides, override_key
 from moe_gpt.config import PROJECT_ROOT, CompareConfig, ConfigError, DataConfig, RunConfig, project_path
 from moe_gpt.errors import Interrupted
-from moe_gpt.model.analysis import flops_per_token
-from moe_gpt.training.console import tidy_lightning_logging
-from moe_gpt.training.preemption import stop_signals_raise
 from moe_gpt.training.run_folder import folder_lock
+
+# Lightning, torch and datasets (the report's plots, held-out losses, FLOPs) are imported once the command
+# line is parsed: --help and a malformed command line answer at once.
 
 DEFAULT_EXPERIMENT = "experiment=compare_small"
 
@@ -80,6 +78,9 @@ def settings(args: argparse.Namespace, configured: CompareConfig) -> CompareConf
 @entry_point(runs_model=True)
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    from moe_gpt.training.console import tidy_lightning_logging
+    from moe_gpt.training.preemption import stop_signals_raise
+
     tidy_lightning_logging()
     try:
         with stop_signals_raise():
@@ -97,6 +98,9 @@ def main(argv: list[str]) -> int:
 
 def compare(args: argparse.Namespace, command: str) -> None:
     """Plan, train and report the comparison ``args`` asks for; ``command`` is how the report says it was run."""
+    from moe_gpt.compare.held_out import eval_data_config
+    from moe_gpt.compare.report import ReportContext, write_report
+
     given = args.overrides
     base = given if any(override_key(o) == "experiment" for o in given) else [DEFAULT_EXPERIMENT, *given]
     run_config = compose_run_config(base)
@@ -155,6 +159,10 @@ def train_and_report(
 ) -> dict[str, Any]:
     """Train one run; its row of the report (with its held-out loss and lm-eval scores, and a heatmap for the
     first MoE run)."""
+    from moe_gpt.compare.held_out import cached_held_out_loss
+    from moe_gpt.compare.report import usage_heatmap
+    from moe_gpt.model.analysis import flops_per_token
+
     row = {"budget": run.budget.name, "variant": run.variant.name, "seed": run.seed, **train(run)}
     row["train_gflops_per_token"] = flops_per_token(run_config.model)["train_flops_per_token"] / 1e9
     if row["status"] != "ok":

@@ -11,6 +11,7 @@ and are added to the run's W&B run when it logged to one.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from moe_gpt.cli.common import ArgumentParser, entry_point, resolve_device
@@ -48,15 +49,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> EvalSettings:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ConfigError(f"--num-fewshot {args.num_fewshot} must be >= 0")
-    return eval_settings(
+    settings = eval_settings(
         args.tasks,
         args.limit,
         args.include_path,
         num_fewshot=args.num_fewshot,
         batch_size=args.batch_size,
-        device=str(resolve_device(args.device)),
         tokenizer_dir=project_path(args.tokenizer_dir),  # as generate.py resolves it
     )
+    # The device last: checking it imports torch, which takes seconds; the other mistakes are told at once.
+    return replace(settings, device=str(resolve_device(args.device)))
 
 
 def output_folder(args: argparse.Namespace, run_dir: Path | None) -> Path:

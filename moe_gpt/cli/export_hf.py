@@ -13,8 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from moe_gpt.config import project_path
-from moe_gpt.weights.safe_load import load_model
-from moe_gpt.weights.hf import export_hf_gpt2, export_hf_tokenizer
 from moe_gpt.cli.common import ArgumentParser, entry_point
 
 
@@ -26,6 +24,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")
     parser.add_argument("--tokenizer-dir", default="data/tokenizer", help="relative paths count from the project root")
     args = parser.parse_args(argv)
+    # Imported once the command line is parsed (torch takes seconds): --help answers at once.
+    from moe_gpt.weights.hf import export_hf_gpt2, export_hf_tokenizer
+    from moe_gpt.weights.safe_load import load_model
+
     model = load_model(args.checkpoint)
     directory = export_hf_gpt2(model, args.out, overwrite=args.overwrite)
     export_hf_tokenizer(Path(project_path(args.tokenizer_dir)), directory, model.config.block_size)

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from moe_gpt.weights.safe_load import load_model
 from moe_gpt.config import ConfigError, project_path
 from moe_gpt.data import load_gpt2_tokenizer
 from moe_gpt.data.tokenizer import ENDOFTEXT, GPT2_N_VOCAB
-from moe_gpt.model.generate import check_sampling_arguments, generate
+from moe_gpt.model.sampling import check_sampling_arguments
 from moe_gpt.cli.common import ArgumentParser, entry_point, resolve_device
 
 
@@ -52,6 +49,12 @@ def sample_texts(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--num-samples {args.num_samples} must be >= 1")
     check_sampling_arguments(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before slow loading
     device = resolve_device(args.device)
+    # Imported once the arguments are checked (torch takes seconds): --help and mistakes answer at once.
+    import torch
+
+    from moe_gpt.model.generate import generate
+    from moe_gpt.weights.safe_load import load_model
+
     tokenizer = load_gpt2_tokenizer(project_path(args.tokenizer_dir))  # as train.py resolves data.tokenizer_dir
     model = load_model(args.checkpoint, map_location=str(device))
     if model.config.vocab_size != GPT2_N_VOCAB:

@@ -34,24 +34,18 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
-
-import lightning as L
-import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from moe_gpt.cli.common import USER_ERRORS, ArgumentParser, UsageError, entry_point
 from moe_gpt.compare.variants import parse_variant
 from moe_gpt.compose import compose_run_config, merge_overrides
 from moe_gpt.config import ConfigError, RunConfig
 from moe_gpt.errors import EXIT_FAILED, Interrupted, one_line
-from moe_gpt.model.kernel_check import BF16_TOLERANCE, OperatorCase, operator_errors
 from moe_gpt.reporting import MFU_FORMAT, cell, markdown_table
-from moe_gpt.training.console import tidy_lightning_logging
-from moe_gpt.training.preemption import stop_signals_raise
-from moe_gpt.training.run import RunRecord, train
 from moe_gpt.training.run_folder import write_json
-from moe_gpt.training.step_timer import StepTimer
+
+if TYPE_CHECKING:  # torch and Lightning are imported where they are used: --help answers at once
+    import lightning as L
 
 GOAL_DENSE_MFU = 0.45  # at least, GPT-2 small dense, bf16, one H100
 GOAL_MOE_STEP_RATIO = 1.2  # at most, MoE 8x2 step time over the dense step time
@@ -99,13 +93,21 @@ class NotFSDP2(ConfigError):
     """trainer.strategy=fsdp gave a strategy other than FSDP2 (Lightning's ModelParallelStrategy)."""
 
 
-class RequireFSDP2(L.Callback):
-    """Stops a run before its first step unless its strategy is FSDP2 (Lightning's ModelParallelStrategy, which
-    trainer.strategy=fsdp builds: moe_gpt/training/sharding.py)."""
+def require_fsdp2() -> L.Callback:
+    """A callback that stops a run before its first step unless its strategy is FSDP2 (Lightning's
+    ModelParallelStrategy, which trainer.strategy=fsdp builds: moe_gpt/training/sharding.py).
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not isinstance(trainer.strategy, ModelParallelStrategy):
-            raise NotFSDP2(f"trainer.strategy=fsdp is Lightning's {type(trainer.strategy).__name__} here, not FSDP2")
+    Its class is made here, where Lightning is imported, rather than when this module is imported."""
+    import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class RequireFSDP2(L.Callback):
+        def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+            if not isinstance(trainer.strategy, ModelParallelStrategy):
+                name = type(trainer.strategy).__name__
+                raise NotFSDP2(f"trainer.strategy=fsdp is Lightning's {name} here, not FSDP2")
+
+    return RequireFSDP2()
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def make_plan(args: argparse.Namespace, overrides: list[str], run_root: Path) -> Plan:
+    import torch
+
     scale = TINY if args.tiny or not torch.cuda.is_available() else GPU
     steps = scale.steps if args.steps is None else args.steps
     fsdp_steps = scale.fsdp_steps if args.fsdp_steps is None else args.fsdp_steps
@@ -161,6 +165,10 @@ def for_steps(overrides: list[str], steps: int) -> list[str]:
 # ------------------------------------------------------------------------------------ the parts
 def check_operator(plan: Plan) -> dict[str, Any]:
     """(a): on the MoE model's shapes and batch, grouped_mm in bfloat16 against the float32 loop."""
+    import torch
+
+    from moe_gpt.model.kernel_check import BF16_TOLERANCE, OperatorCase, operator_errors
+
     model, batch = plan.moe.model, plan.moe.data.batch_size * plan.moe.model.block_size
     case = OperatorCase(model.n_embd, model.ffn_hidden_size, model.moe.num_experts, model.moe.top_k, batch)
     errors = operator_errors(case, plan.scale.operator_device, "grouped_mm", torch.bfloat16)
@@ -173,6 +181,9 @@ def check_operator(plan: Plan) -> dict[str, Any]:
 
 def train_and_time(cfg: RunConfig, warmup_steps: int, peak: Optional[float], *callbacks: L.Callback) -> dict[str, Any]:
     """(b), (c) and (d) for one model: train it through train.py's path, and read the timer and the losses."""
+    from moe_gpt.training.run import RunRecord, train
+    from moe_gpt.training.step_timer import StepTimer
+
     timer = StepTimer(warmup_steps)
     fresh_device_memory()
     try:
@@ -202,6 +213,8 @@ def loss_means(losses: list[float]) -> tuple[float, float]:
 
 def fresh_device_memory() -> None:
     """On a GPU each model's peak memory and compiled graphs are its own (the CPU's peak is the process's)."""
+    import torch
+
     if torch.cuda.is_available():
         gc.collect()
         torch.compiler.reset()
@@ -213,8 +226,8 @@ def train_fsdp(plan: Plan, warmup_steps: int) -> dict[str, Any]:
     """(c): the MoE model under trainer.strategy=fsdp, or why that is not FSDP2 here."""
     with process_as_before():
         try:
-            return train_and_time(plan.fsdp, warmup_steps, plan.peak_flops, RequireFSDP2())
-        except ConfigError as refused:  # the trainer settings check, or RequireFSDP2
+            return train_and_time(plan.fsdp, warmup_steps, plan.peak_flops, require_fsdp2())
+        except ConfigError as refused:  # the trainer settings check, or require_fsdp2's callback
             return {"status": NOT_AVAILABLE, "reason": one_line(refused), "passed": True}
 
 
@@ -222,6 +235,8 @@ def train_fsdp(plan: Plan, warmup_steps: int) -> dict[str, Any]:
 def process_as_before() -> Iterator[None]:
     """A distributed strategy sets up a process group and its variables (LOCAL_RANK, MASTER_PORT, ...) even for
     one process; both are undone after it, or a later run in this process would take itself for a launched one."""
+    import torch
+
     environment, initialized = dict(os.environ), is_distributed()
     try:
         yield
@@ -234,6 +249,8 @@ def process_as_before() -> Iterator[None]:
 
 
 def is_distributed() -> bool:
+    import torch
+
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -330,6 +347,8 @@ def ok(passed: bool) -> str:
 
 
 def device_name(scale: Scale) -> str:
+    import torch
+
     return torch.cuda.get_device_name() if scale is GPU else "cpu"
 
 
@@ -339,6 +358,11 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as run_root:
         plan = make_plan(args, overrides, Path(run_root))  # bad input: one line, before anything trains
+        import torch
+
+        from moe_gpt.training.console import tidy_lightning_logging
+        from moe_gpt.training.preemption import stop_signals_raise
+
         tidy_lightning_logging()
         print(f"gpu check, {plan.scale.name} version, on {device_name(plan.scale)} (torch {torch.__version__})")
         out = Path(args.out)

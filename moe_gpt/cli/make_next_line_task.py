@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from moe_gpt.cli.common import ArgumentParser, entry_point
-from moe_gpt.compare.next_line_task import TASK_NAME, write_next_line_task
 from moe_gpt.compose import compose_run_config
 
 
@@ -30,6 +29,9 @@ def main(argv: list[str]) -> None:
         if value < 1:
             parser.error(f"{flag} {value} must be at least 1")
     data = compose_run_config(args.overrides).data
+    # Imported once the arguments are checked: reading the corpus imports datasets and Lightning (seconds).
+    from moe_gpt.compare.next_line_task import TASK_NAME, write_next_line_task
+
     yaml = write_next_line_task(data, args.out, args.questions, args.context_lines, args.seed)
     print(f"{args.questions} questions of task {TASK_NAME}: {yaml}")
     print(f"evaluate: python scripts/evaluate.py --checkpoint <run folder> --tasks {TASK_NAME} --include-path {yaml.parent}")

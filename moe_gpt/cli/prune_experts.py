@@ -16,27 +16,15 @@ from __future__ import annotations
 import argparse
 import shlex
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
-import torch
-
-from moe_gpt.weights.safe_load import read_checkpoint
 from moe_gpt.compose import compose_run_config, merge_overrides, override_key
 from moe_gpt.config import ConfigError, RunConfig
-from moe_gpt.model.gpt import GPT
 from moe_gpt.cli.common import ArgumentParser, entry_point
-from moe_gpt.weights.prune import (
-    Measurement,
-    check_keep,
-    experts_to_keep,
-    load_moe_model,
-    measure,
-    prune_experts,
-    pruned_checkpoint,
-    training_overrides,
-    validation_batches,
-)
-from moe_gpt.training.resume import Resume, saved_overrides
+
+if TYPE_CHECKING:  # torch is imported once the command line is parsed (prune): --help answers at once
+    from moe_gpt.model.gpt import GPT
+    from moe_gpt.weights.prune import Measurement
 
 DEFAULT_WINDOWS = 64
 
@@ -65,6 +53,8 @@ def output_path(checkpoint: Path, keep: int, out: Optional[str]) -> Path:
 
 def run_config(path: Path, checkpoint: dict, overrides: list[str]) -> RunConfig:
     """The config of the run that wrote the checkpoint, with ``overrides`` (data, seed) applied."""
+    from moe_gpt.training.resume import Resume, saved_overrides
+
     model_keys = [o for o in overrides if override_key(o).split(".")[0].split("/")[0] == "model"]
     if model_keys:
         raise ConfigError(f"{model_keys[0]}: the model comes from the checkpoint, so model overrides do not apply")
@@ -76,6 +66,8 @@ def run_config(path: Path, checkpoint: dict, overrides: list[str]) -> RunConfig:
 
 def save_new_file(checkpoint: dict, path: Path) -> None:
     """Write ``checkpoint`` to ``path``, which must not exist (even if created since it was checked)."""
+    import torch
+
     try:
         handle = open(path, "xb")
     except FileExistsError:
@@ -108,6 +100,18 @@ def report_lines(
 
 
 def prune(args: argparse.Namespace) -> None:
+    from moe_gpt.weights.prune import (
+        check_keep,
+        experts_to_keep,
+        load_moe_model,
+        measure,
+        prune_experts,
+        pruned_checkpoint,
+        training_overrides,
+        validation_batches,
+    )
+    from moe_gpt.weights.safe_load import read_checkpoint
+
     path = Path(args.checkpoint).expanduser()
     model = load_moe_model(path)
     checkpoint = read_checkpoint(path)  # memory-mapped: the second read costs little

@@ -20,9 +20,7 @@ from moe_gpt.config import ConfigError
 from moe_gpt.data import load_gpt2_tokenizer
 from moe_gpt.data.tokenizer import GPT2_N_VOCAB
 from moe_gpt.reporting import cell, markdown_table
-from moe_gpt.training.resume import RUN_RECORD
 from moe_gpt.training.run_folder import read_record, saved_checkpoint, write_json
-from moe_gpt.weights.safe_load import model_from_checkpoint, read_checkpoint
 
 OUT_IN_RUN_FOLDER = "lm_eval"  # where a run folder's scores go
 RESULTS_FILE = "results.json"
@@ -95,6 +93,8 @@ def evaluate_checkpoint(path: str | Path, settings: EvalSettings) -> dict[str, A
     import lm_eval
 
     from moe_gpt.compare.lm_eval_model import MoeGptLM
+    from moe_gpt.training.resume import RUN_RECORD  # these import torch: evaluate.py checks its arguments first
+    from moe_gpt.weights.safe_load import model_from_checkpoint, read_checkpoint
 
     checkpoint_path = checkpoint_of(path)
     checkpoint = read_checkpoint(checkpoint_path)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from moe_gpt.config import ConfigError
 from moe_gpt.model.gpt import GPT, KVCache
+from moe_gpt.model.sampling import check_sampling_arguments
 
 
 def generate(
@@ -36,19 +37,6 @@ def generate(
             return _extend(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
     finally:
         model.train(was_training)
-
-
-def check_sampling_arguments(
-    max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float]
-) -> None:
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature < 0:
-        raise ConfigError(f"temperature={temperature} must be >= 0 (0 means greedy)")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k={top_k} must be >= 1, or None to keep every token")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"top_p={top_p} must be in (0, 1], or None to keep every token")
 
 
 def check_prompt(idx: Tensor, vocab_size: int) -> None:

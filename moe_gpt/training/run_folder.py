@@ -19,8 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning.pytorch.utilities import rank_zero_only
-
 from moe_gpt.config import ConfigError
 from moe_gpt.errors import Interrupted
 
@@ -43,6 +41,10 @@ def settle_rank_before_trainer() -> None:
     The first process on a second node that Lightning's launcher runs has only NODE_RANK; marked
     non-zero here (its global rank is not known yet), it leaves the run folder to the first node.
     """
+    # Imported here: the commands that read or lock run folders (compare, evaluate, summarize_sweep) need
+    # no Lightning until they train, and importing it takes seconds.
+    from lightning.pytorch.utilities import rank_zero_only
+
     node_rank = int(os.environ.get("NODE_RANK", "0") or 0)
     if rank_zero_only.rank == 0 and node_rank > 0:
         rank_zero_only.rank = node_rank

@@ -39,12 +39,12 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.optim import Optimizer
 
-from moe_gpt.config import ConfigError, RunConfig, TrainerConfig
+from moe_gpt.config import ConfigError, TrainerConfig
 from moe_gpt.model.expert_parallel import EXPERT, REPLICATE, ExpertGroup
 from moe_gpt.model.gpt import GPT
 from moe_gpt.training.lightning_internals import shard_over_every_process
+from moe_gpt.training.parallel_settings import FSDP
 
-FSDP = "fsdp"  # the trainer.strategy name, Lightning's FSDP1 before this version
 # The precisions run and compared with DDP: Lightning's ModelParallelStrategy also takes 16-true, and refuses
 # 16-mixed (fp16 needs a gradient scaler, which it has none of for sharded gradients).
 SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "bf16-true")
@@ -57,24 +57,6 @@ def check_fsdp_settings(cfg: TrainerConfig) -> None:
         raise ConfigError(
             f"trainer.strategy=fsdp does not take trainer.precision={cfg.precision} (FSDP2 here runs 32-true, "
             "bf16-mixed and bf16-true); use trainer.precision=bf16-mixed, or trainer.strategy=ddp"
-        )
-
-
-def check_expert_parallel(cfg: RunConfig, processes: int) -> None:
-    """``trainer.expert_parallel``: an MoE model under fsdp, dividing the process count and the expert count."""
-    size = cfg.trainer.expert_parallel
-    if size == 1:
-        return
-    key = f"trainer.expert_parallel={size}"
-    if not cfg.model.use_moe:
-        raise ConfigError(f"{key} needs an MoE model (model=moe); a dense model has no experts to spread")
-    if cfg.trainer.strategy != FSDP:
-        raise ConfigError(f"{key} runs under FSDP2 only; add trainer.strategy=fsdp")
-    if processes % size:
-        raise ConfigError(f"{key} must divide the process count ({processes}); set trainer.devices to a multiple")
-    if cfg.model.moe.num_experts % size:
-        raise ConfigError(
-            f"{key} must divide model.moe.num_experts={cfg.model.moe.num_experts}; each process holds an equal share"
         )
 
 

@@ -17,7 +17,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from moe_gpt.config import ConfigError, RunConfig, TrainerConfig, check_cpu_devices
 from moe_gpt.training.atomic_write import AtomicCheckpointIO
 from moe_gpt.training.lightning_internals import launches_by_rerunning_command
-from moe_gpt.training.sharding import check_expert_parallel, check_fsdp_settings, strategy_for
+from moe_gpt.training.parallel_settings import check_expert_parallel
+from moe_gpt.training.sharding import check_fsdp_settings, strategy_for
 
 log = logging.getLogger(__name__)
 

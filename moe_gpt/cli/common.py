@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from typing import Callable, NoReturn, Optional
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional
 
 from hydra.errors import HydraException
 
 from moe_gpt.config import ConfigError
 from moe_gpt.data.errors import DataError
 from moe_gpt.errors import EXIT_BAD_INPUT, EXIT_FAILED, CommandFailed, one_line
+
+if TYPE_CHECKING:
+    import torch
 
 # Bad input, as train.py also treats it. A refused run folder (FolderRefused) is a ConfigError.
 USER_ERRORS = (ConfigError, DataError, HydraException)

@@ -491,7 +491,7 @@ class DistillConfig:
     teacher: Optional[str] = None  # a training checkpoint (.ckpt) of the same tokenizer; null: no distillation
     alpha: float = 0.5  # weight of the labels' cross-entropy; 1 - alpha weighs the teacher's soft targets
     temperature: float = 2.0  # T: both models' logits are divided by T before the KL; its gradient is scaled by T^2
-    init: str = "scratch"  # scratch | experts: a dense student starts from the teacher (FFN = experts' weighted mean)
+    init: str = "scratch"  # scratch | experts: a dense student starts from the teacher (each FFN gathered from its experts)
 
     def __post_init__(self) -> None:
         _require(

@@ -41,7 +41,7 @@ from moe_gpt.compare.variants import MATCH_RULES, MATCHING, parse_variants
 from moe_gpt.compose import compose_run_config, merge_overrides, override_key
 from moe_gpt.config import PROJECT_ROOT, CompareConfig, ConfigError, DataConfig, RunConfig, project_path
 from moe_gpt.errors import Interrupted
-from moe_gpt.training.run_folder import folder_lock
+from moe_gpt.training.run_folder import checkpoint_path, folder_lock
 
 # Lightning, torch and datasets (the report's plots, held-out losses, FLOPs) are imported once the command
 # line is parsed: --help and a malformed command line answer at once.
@@ -167,7 +167,7 @@ def train_and_report(
     row["train_gflops_per_token"] = flops_per_token(run_config.model)["train_flops_per_token"] / 1e9
     if row["status"] != "ok":
         return row
-    best = run.run_dir / "checkpoints" / "best.ckpt"
+    best = checkpoint_path(run.run_dir, "best.ckpt")
     if eval_data is not None:
         row["held_out_loss"] = cached_held_out_loss(run.run_dir, best, eval_data, chosen.eval_data, run_config.trainer)
     if downstream is not None:

@@ -25,7 +25,15 @@ import yaml
 
 from moe_gpt.compose import override_key
 from moe_gpt.config import ConfigError
-from moe_gpt.training.run_folder import FolderRefused, has_checkpoints, is_locked, read_record, run_outcome, write_json
+from moe_gpt.training.run_folder import (
+    FolderRefused,
+    checkpoint_path,
+    has_checkpoints,
+    is_locked,
+    read_record,
+    run_outcome,
+    write_json,
+)
 from moe_gpt.compare.variants import Variant
 
 BUDGET_FORMAT = "'tokens' or 'time=<minutes>', e.g. --budget tokens --budget time=5"
@@ -87,7 +95,7 @@ def plan_run(
     if steps is not None:
         overrides.append(f"trainer.max_steps={steps}")
     if variant.teacher_variant is not None:  # distill:<variant>: its run of this budget and seed, trained before
-        teacher = run_folder(out_dir, budget, variant.teacher_variant, seed) / "checkpoints" / "best.ckpt"
+        teacher = checkpoint_path(run_folder(out_dir, budget, variant.teacher_variant, seed), "best.ckpt")
         overrides.append(f"distill.teacher={teacher}")
     return PlannedRun(budget, variant, seed, run_folder(out_dir, budget, variant.name, seed), overrides)
 

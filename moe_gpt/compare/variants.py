@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from moe_gpt.config import ACTIVATIONS, ConfigError, DistillConfig, MoEConfig
-from moe_gpt.training.run_folder import run_folder_of
+from moe_gpt.training.run_folder import checkpoint_path, run_folder_of
 
 MATCH_RULES = {  # for reports
     "active": "each expert is 4*n_embd/(top_k + shared experts) wide, so the experts a token uses hold as many "
@@ -128,7 +128,7 @@ def teacher_checkpoint(spec: str, teacher: str) -> Path:
     """A .ckpt as it is; a run folder's checkpoints/best.ckpt."""
     path = Path(teacher).expanduser().resolve()
     if path.is_dir():
-        path = path / "checkpoints" / "best.ckpt"
+        path = checkpoint_path(path, "best.ckpt")
     if not path.is_file():
         raise ConfigError(
             f"variant {spec!r}: the teacher {teacher!r} is neither an earlier variant nor a checkpoint or run folder "

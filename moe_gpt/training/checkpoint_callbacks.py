@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 
 from moe_gpt.training.lightning_internals import collect_rng_states, set_rng_states, validation_follows
 from moe_gpt.training.resume import RUN_RECORD
+from moe_gpt.training.run_folder import CHECKPOINT_FOLDER
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -36,7 +37,7 @@ class BestCheckpoint(ModelCheckpoint):
 
     def __init__(self, run_dir: Path, continues_this_folder: bool, weights_only: bool = False):
         super().__init__(
-            dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min", save_top_k=1,
+            dirpath=run_dir / CHECKPOINT_FOLDER, filename="best", monitor="val/loss", mode="min", save_top_k=1,
             save_weights_only=weights_only,
         )  # fmt: skip
         self.continues_this_folder = continues_this_folder

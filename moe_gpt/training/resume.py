@@ -19,6 +19,7 @@ from moe_gpt.weights.safe_load import ARCHITECTURE_KEYS, check_weights_fit, mode
 from moe_gpt.compose import override_key
 from moe_gpt.config import ConfigError, RunConfig
 from moe_gpt.training.resume_changes import check_changes
+from moe_gpt.training.run_folder import checkpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def find_resume(resume: Optional[str], run_dir: Path) -> Optional[Resume]:
     A SLURM job that was requeued (``SLURM_RESTART_COUNT`` > 0) resumes from its folder's last.ckpt
     without being asked: it is the same command running again after a preemption.
     """
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = checkpoint_path(run_dir, "last.ckpt")
     if resume is None:
         if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and last.is_file():
             return Resume(last, read_checkpoint(last), requeued=True)

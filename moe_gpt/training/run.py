@@ -37,7 +37,14 @@ from moe_gpt.training.loggers import build_loggers
 from moe_gpt.training.preemption import StopAtStepEnd, stop_signals_raise
 from moe_gpt.training.resume import Resume, check_resumable, find_resume
 from moe_gpt.training.resume_changes import log_applied_changes
-from moe_gpt.training.run_folder import claimed, is_inside, logging_to_file, settle_rank_before_trainer, write_json
+from moe_gpt.training.run_folder import (
+    checkpoint_path,
+    claimed,
+    is_inside,
+    logging_to_file,
+    settle_rank_before_trainer,
+    write_json,
+)
 from moe_gpt.training.summary import CURVES_FILE, SUMMARY_FILE, summary_text, write_curves_png
 from moe_gpt.training.trainer import build_trainer, check_trainer_settings
 
@@ -166,7 +173,7 @@ def log_run_warnings(cfg: RunConfig, resume: Optional[Resume]) -> None:
 def run_callbacks(
     cfg: RunConfig, best: BestCheckpoint, run_record: dict[str, Any], with_lr_monitor: bool
 ) -> list[L.Callback]:
-    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    last = checkpoint_path(Path(cfg.run_dir), "last.ckpt")
     callbacks = [
         best,
         LastCheckpoint(last, cfg.checkpoint.every_n_steps, cfg.checkpoint.save_weights_only),

@@ -50,14 +50,22 @@ def settle_rank_before_trainer() -> None:
         rank_zero_only.rank = node_rank
 
 
+CHECKPOINT_FOLDER = "checkpoints"  # in every run folder: last.ckpt and best.ckpt
+
+
+def checkpoint_path(run_dir: Path, name: str) -> Path:
+    """Where the run folder keeps checkpoint ``name`` (``best.ckpt``, ``last.ckpt``), whether or not it is there yet."""
+    return run_dir / CHECKPOINT_FOLDER / name
+
+
 def saved_checkpoint(run_dir: Path, names: tuple[str, ...] = ("best.ckpt", "last.ckpt")) -> Optional[Path]:
     """The first of ``names`` that the run folder's ``checkpoints/`` holds, else None."""
-    return next((run_dir / "checkpoints" / name for name in names if (run_dir / "checkpoints" / name).is_file()), None)
+    return next((checkpoint_path(run_dir, name) for name in names if checkpoint_path(run_dir, name).is_file()), None)
 
 
 def run_folder_of(checkpoint: Path) -> Optional[Path]:
     """The run folder a checkpoint was written into (``<run>/checkpoints/x.ckpt``), if it is one."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_FOLDER else None
 
 
 def has_checkpoints(run_dir: Path) -> bool:

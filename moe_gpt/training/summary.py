@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from moe_gpt.reporting import MFU_FORMAT, curves_figure, save_figure
+from moe_gpt.training.run_folder import CHECKPOINT_FOLDER
 
 CURVES_FILE = "curves.png"
 SMOOTHING_HALF_WINDOW = 4  # the smoothed training loss averages each logged point with up to 4 on each side
@@ -22,7 +23,7 @@ COMPARISON_ENV = "MOE_GPT_COMPARISON"  # set by compare.py for its runs: the com
 def summary_text(metrics: dict[str, Any], run_dir: Path, logger_kind: str, weights_only: bool = False) -> str:
     """A dozen lines: where the run is, how it ended, how fast it trained, what it wrote, and what to run next."""
     folder = shlex.quote(str(run_dir))
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = run_dir / CHECKPOINT_FOLDER
     # best.ckpt follows validation during training: a run shorter than val_check_interval has none.
     saved = [name for name in ("best.ckpt", "last.ckpt") if (checkpoints / name).is_file()]
     sizes = f": {_megabytes(sum((checkpoints / name).stat().st_size for name in saved))}" if saved else ""

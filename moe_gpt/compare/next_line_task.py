@@ -3,7 +3,7 @@
 Hub tasks (HellaSwag, ARC, LAMBADA) need the network and measure English; the default corpus is
 Python source. This task asks the question a code model should answer, on documents it never
 trained on: the validation documents of the training corpus (the same hash split as the token
-cache, ``moe_gpt/data/split.py``). Each question is up to ``context_lines`` lines of a document;
+cache, ``moe_gpt/data/split.py``). Each question is the ``context_lines`` lines of a document before the answer;
 the choices are the line that follows and three lines with the same indentation drawn from other
 validation documents, so indentation alone does not give the answer away (chance: 25%).
 

@@ -125,6 +125,15 @@ def test_a_taught_variant_gathered_from_its_teachers_experts_composes_before_its
     assert (config.distill.init, config.distill.teacher, config.model.use_moe) == ("experts", "moe-4-2", False)
 
 
+def test_a_student_that_cannot_be_gathered_from_its_teacher_variant_is_one_line_before_anything_trains(tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ["--out", str(out), "--variants", "dense,moe:4:2:swish,distill:moe:4:2:swish:init=experts", *TINY]
+    assert compare_main(args) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "variant 'distill:moe:4:2:swish:init=experts'" in line and "activation=swish" in line, line
+    assert not out.exists()
+
+
 def test_a_distill_variant_takes_a_checkpoint_or_a_run_folder_and_refuses_a_teacher_that_is_neither(
     tiny_moe_checkpoint, tmp_path
 ):

@@ -85,3 +85,7 @@ def test_a_folder_that_holds_a_task_and_a_request_for_more_questions_than_the_co
     result = script_main("make_next_line_task", ["--out", str(tmp_path / "new"), "--questions", "100000", *overrides])
     assert result.returncode == 2 and "fewer than --questions 100000" in error_lines(result.stderr)[0]
     assert not (tmp_path / "new").exists()
+    (tmp_path / "a_file").write_text("kept")
+    result = script_main("make_next_line_task", ["--out", str(tmp_path / "a_file"), *overrides])
+    assert result.returncode == 2 and "is a file; pass a folder" in error_lines(result.stderr)[0]
+    assert (tmp_path / "a_file").read_text() == "kept"

@@ -37,7 +37,7 @@ from moe_gpt.cli.common import ArgumentParser, entry_point
 from moe_gpt.compare.downstream import EvalSettings, cached_scores, eval_settings, report_fields
 from moe_gpt.compare.plan import STATE_FILE, PlannedRun, load_state, parse_budgets, save_state
 from moe_gpt.compare.runner import plan_budget, runs_told_their_comparison, train
-from moe_gpt.compare.variants import MATCH_RULES, MATCHING, parse_variants
+from moe_gpt.compare.variants import MATCH_RULES, MATCHING, Variant, parse_variants
 from moe_gpt.compose import compose_run_config, merge_overrides, override_key
 from moe_gpt.config import PROJECT_ROOT, CompareConfig, ConfigError, DataConfig, RunConfig, project_path
 from moe_gpt.errors import Interrupted
@@ -109,6 +109,7 @@ def compare(args: argparse.Namespace, command: str) -> None:
     budgets = parse_budgets(chosen.budgets)
     seeds = [run_config.seed + i for i in range(chosen.seeds)]
     configs = {variant.name: compose_run_config(base + variant.shared_overrides) for variant in variants}
+    check_taught_variants(variants, configs)
     eval_data = eval_data_config(chosen.eval_data, run_config.data) if chosen.eval_data else None
     downstream = downstream_settings(args, run_config)
     out_dir = (
@@ -137,6 +138,17 @@ def compare(args: argparse.Namespace, command: str) -> None:
         teachers = {variant.name: variant.teacher_variant for variant in variants if variant.teacher_variant}
         context = ReportContext(command, MATCH_RULES[chosen.match], seeds, chosen.eval_data, teachers)
         print(write_report(rows, budgets, out_dir, context))
+
+
+def check_taught_variants(variants: list[Variant], configs: dict[str, RunConfig]) -> None:
+    """A student gathered from an earlier variant's experts fits that variant's shape, checked before
+    anything trains (its teacher's runs would otherwise train first and the student fail after them)."""
+    from moe_gpt.weights.gather import check_gatherable
+
+    for variant in variants:
+        if variant.teacher_variant is not None and configs[variant.name].distill.init == "experts":
+            teacher = configs[variant.teacher_variant].model
+            check_gatherable(teacher, configs[variant.name].model, f"variant {variant.spec!r}'s teacher")
 
 
 def downstream_settings(args: argparse.Namespace, run_config: RunConfig) -> Optional[EvalSettings]:

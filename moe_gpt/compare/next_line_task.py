@@ -104,6 +104,8 @@ def task_yaml(jsonl: Path) -> str:
 def write_next_line_task(data: DataConfig, out: Path, count: int, context_lines: int, seed: int) -> Path:
     """The task's two files in ``out`` (refused if it holds them already); returns the YAML's path."""
     out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a folder for the task's two files")
     jsonl, yaml = out / "next_line.jsonl", out / "next_line.yaml"
     if jsonl.exists() or yaml.exists():
         raise ConfigError(f"{out} already holds a next-line task; choose another --out or delete it first")

@@ -85,6 +85,11 @@ def test_a_folder_that_holds_a_task_and_a_request_for_more_questions_than_the_co
     result = script_main("make_next_line_task", ["--out", str(tmp_path / "new"), "--questions", "100000", *overrides])
     assert result.returncode == 2 and "fewer than --questions 100000" in error_lines(result.stderr)[0]
     assert not (tmp_path / "new").exists()
+    (tmp_path / "book.txt").write_text("\n".join(f"line {i} of the only document" for i in range(200)))
+    one_document = [*overrides, f"data.paths=[{tmp_path / 'book.txt'}]"]  # the token cache cuts it by tokens
+    result = script_main("make_next_line_task", ["--out", str(tmp_path / "new"), *one_document])
+    assert result.returncode == 2 and "of the corpus's 1 document(s) are validation" in error_lines(result.stderr)[0]
+    assert not (tmp_path / "new").exists()
     (tmp_path / "a_file").write_text("kept")
     result = script_main("make_next_line_task", ["--out", str(tmp_path / "a_file"), *overrides])
     assert result.returncode == 2 and "is a file; pass a folder" in error_lines(result.stderr)[0]

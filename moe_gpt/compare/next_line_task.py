@@ -21,7 +21,7 @@ from pathlib import Path
 
 from moe_gpt.config import ConfigError, DataConfig
 from moe_gpt.data.corpus import load_corpus
-from moe_gpt.data.split import split_score
+from moe_gpt.data.split import goes_to_validation, split_score
 from moe_gpt.training.atomic_write import replacing
 
 TASK_NAME = "moe_gpt_next_line"
@@ -31,10 +31,17 @@ MIN_LINE_CHARS = 12  # shorter lines ("else:", "return x") fit almost anywhere: 
 
 def validation_documents(data: DataConfig) -> list[str]:
     """The corpus's documents that the token cache puts in validation (none of them is trained on)."""
-    texts = []
-    for batch in load_corpus(data).documents.iter(batch_size=256):
-        texts += [text for text in batch["text"] if text and split_score(text) < data.val_fraction]
-    return texts
+    documents = load_corpus(data).documents.iter(batch_size=256)
+    texts = [text for batch in documents for text in batch["text"] if text and not text.isspace()]  # as tokenized
+    val = [text for text in texts if goes_to_validation(split_score(text), data.val_fraction)]
+    if not val or len(val) == len(texts):
+        # The token cache then moves a document across or cuts a single one by tokens (data/split.py):
+        # which text was trained on is no longer a whole document's question.
+        raise ConfigError(
+            f"{len(val)} of the corpus's {len(texts)} document(s) are validation documents by their hash; the "
+            "next-line task needs documents on both sides: use a corpus of several documents or change data.val_fraction"
+        )
+    return val
 
 
 def indentation(line: str) -> str:

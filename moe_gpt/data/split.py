@@ -25,6 +25,12 @@ def split_score(text: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def goes_to_validation(score: float, val_fraction: float) -> bool:
+    """The split rule: a document whose ``split_score`` is below ``val_fraction`` is a validation one
+    (before ``ensure_both_splits`` fills an empty side)."""
+    return score < val_fraction
+
+
 @dataclass(frozen=True)
 class Span:
     score: float

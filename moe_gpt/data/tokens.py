@@ -35,7 +35,7 @@ import tiktoken
 from moe_gpt.config import DataConfig
 from moe_gpt.data.corpus import Corpus, load_corpus, resolve_corpus
 from moe_gpt.data.errors import DataError
-from moe_gpt.data.split import SplitWriter, ensure_both_splits, split_score
+from moe_gpt.data.split import SplitWriter, ensure_both_splits, goes_to_validation, split_score
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def tokenize_documents(
             for text, ids in zip(texts, encoded, strict=True):
                 ids.append(tokenizer.eot_token)
                 score = split_score(text)
-                (val if score < val_fraction else train).append(ids, score)
+                (val if goes_to_validation(score, val_fraction) else train).append(ids, score)
     if train.documents + val.documents == 0:
         raise DataError(
             f"the corpus has no text: all {seen} document(s) are empty or whitespace; "

@@ -55,23 +55,26 @@ def answerable(line: str) -> bool:
 def next_line_questions(documents: list[str], count: int, context_lines: int, seed: int) -> list[dict]:
     """``count`` questions: {"question": context ending in a newline, "choices": 4 lines, "answer": index}."""
     lines = [document.splitlines() for document in documents]
-    by_indent: dict[str, list[tuple[int, str]]] = defaultdict(list)  # indentation -> (document, line)
+    documents_of: dict[str, set[int]] = defaultdict(set)  # an answerable line -> the documents holding it
     slots = []  # (document, line index) of every line that can be asked for
     for doc, doc_lines in enumerate(lines):
         for index, line in enumerate(doc_lines):
             if answerable(line):
-                by_indent[indentation(line)].append((doc, line))
+                documents_of[line].add(doc)
                 if index >= context_lines:
                     slots.append((doc, index))
+    by_indent: dict[str, list[str]] = defaultdict(list)  # indentation -> its distinct lines, sorted once
+    for line in sorted(documents_of):
+        by_indent[indentation(line)].append(line)
     rng = random.Random(seed)
     rng.shuffle(slots)
     questions = []
     for doc, index in slots:
         answer = lines[doc][index]
-        others = {line for other, line in by_indent[indentation(answer)] if other != doc and line != answer}
+        others = [line for line in by_indent[indentation(answer)] if line != answer and documents_of[line] != {doc}]
         if len(others) < CHOICES - 1:
             continue
-        choices = [answer, *rng.sample(sorted(others), CHOICES - 1)]
+        choices = [answer, *rng.sample(others, CHOICES - 1)]
         rng.shuffle(choices)
         context = "\n".join(lines[doc][index - context_lines : index]) + "\n"
         questions.append({"question": context, "choices": choices, "answer": choices.index(answer)})

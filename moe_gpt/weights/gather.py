@@ -111,14 +111,11 @@ def gathered_state_dict(teacher: GPT, usage: Optional[Tensor], student: GPTConfi
     """The dense student's state dict gathered from ``teacher`` (``usage``: ``checkpoint_usage``'s rows)."""
     check_gatherable(teacher.config, student, what)
     weights, source = expert_weights(usage, teacher.config.num_moe_layers, teacher.config.moe.num_experts)
-    log.info(
-        "distill.init=experts: each dense MLP is the %s mean of %s's experts, in %d slice(s)",
-        source, what, slices_per_mlp(teacher.config),
-    )
+    slices = slices_per_mlp(teacher.config)
+    log.info("distill.init=experts: each dense MLP is the %s mean of %s's experts, in %d slice(s)", source, what, slices)
     state = {key: tensor for key, tensor in teacher.state_dict().items() if ".mlp.router." not in key}
     state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: student.block_size]
     moe_layers = [i for i in range(teacher.config.n_layer) if teacher.config.is_moe_layer(i)]
-    slices = slices_per_mlp(teacher.config)
     for layer, layer_weights in zip(moe_layers, weights):
         prefix = f"transformer.h.{layer}.mlp."
         expert_keys = {name: prefix + "experts." + name.replace(".", "_") for name in DENSE_MLP_TENSORS}

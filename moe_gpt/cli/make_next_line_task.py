@@ -4,7 +4,7 @@
     python scripts/make_next_line_task.py --out outputs/eval_tasks/wiki data=wikitext103  # any data= option
     python scripts/evaluate.py --checkpoint <run> --tasks moe_gpt_next_line --include-path outputs/eval_tasks/next_line
 
-Arguments after the options are train.py's Hydra overrides; only data.* matters (the corpus and
+The other arguments are train.py's Hydra overrides; only data.* matters (the corpus and
 its val_fraction). How the questions are made: moe_gpt/compare/next_line_task.py.
 """
 

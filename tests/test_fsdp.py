@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.utils._pytree import tree_leaves
 
 from moe_gpt.cli.gpu_check import process_as_before
 from moe_gpt.compare.held_out import held_out_loss
@@ -84,6 +85,19 @@ def test_bf16_mixed_gathers_each_block_in_bf16_and_each_router_in_float32(mesh):
     assert loss.item() == pytest.approx(expected.item(), rel=2e-2)  # bf16's bound in tests/test_mixed_precision.py
     # AdamW steps float32 shards with gradients reduced in float32.
     assert {(p.dtype, p.grad.dtype) for p in model.parameters()} == {(torch.float32, torch.float32)}
+
+
+def test_every_sharded_modules_output_shows_its_tensors_to_torchs_pytree():
+    # torch 2.11's FSDP2 finds the tensors to hook (and so to gather the weights again before their
+    # backward) with torch's pytree; an unregistered dataclass hid them and the backward met freed weights.
+    model = tiny_module().model
+    idx = torch.randint(0, model.config.vocab_size, (2, model.config.block_size))
+    block_out = model.transformer.h[0](model.transformer.wte(idx))
+    router_out = model.moe_layers()[0].router(block_out.x.flatten(0, 1))
+    for output in (model(idx), block_out, router_out):
+        tensors = [leaf for leaf in tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+        fields = [value for value in vars(output).values() if isinstance(value, torch.Tensor)]
+        assert len(tensors) == len(fields) > 0 and all(any(t is f for t in tensors) for f in fields), type(output)
 
 
 def test_a_sharded_model_saves_and_loads_the_state_of_one_unsharded_process(mesh, tmp_path):

@@ -11,11 +11,14 @@ train: setup
 # thread per worker wastes less than two threads sharing one test, and two workers of two threads each
 # would fight over the 2 cores; worksteal keeps both busy when the longest tests land on one.
 # Measured: docs/testing.md.
+# MARKERS picks the tests: the default suite; `make test-slow` the slow ones; `make test MARKERS=` every
+# test in one session (CI: one collection, and tests/conftest.py starts each worker on its slow tests).
+MARKERS ?= not slow
 test: setup
-	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -m "not slow" -n 2 --dist worksteal --durations=15 $(ARGS)
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -m "$(MARKERS)" -n 2 --dist worksteal --durations=15 $(ARGS)
 
-test-slow: setup
-	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -m slow -n 2 --dist worksteal --durations=15 $(ARGS)
+test-slow:
+	$(MAKE) test MARKERS=slow
 
 bench: setup
 	.venv/bin/python scripts/bench_moe.py $(ARGS)

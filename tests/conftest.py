@@ -27,6 +27,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO_ROOT / "data" / "tokenizer"
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected: the shares are of the tests that run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each xdist worker starts with its share of the slow tests, and the quick ones come last.
+
+    pytest-xdist's worksteal hands worker i the i-th contiguous share of the collection and, when one
+    runs out, moves the end of another's queue over. Dealing the slow tests out among the shares and
+    putting each share's slow tests first leaves quick tests at every queue's end, so no worker is left
+    alone with a minute-long test (the longest-first rule of scheduling). The order is the same in every
+    worker, as xdist requires; in one process the slow tests simply run first.
+    """
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    quick = [item for item in items if not item.get_closest_marker("slow")]
+    order, remaining = [], len(items)
+    for worker in range(workers):
+        share = remaining // (workers - worker)  # the size worksteal gives this worker, in its order
+        its_slow = slow[worker::workers]
+        take = max(share - len(its_slow), 0)
+        order += its_slow + quick[:take]
+        quick, remaining = quick[take:], remaining - share
+    items[:] = order + quick
+
+
 @pytest.fixture(scope="session")
 def gpt2():
     """The GPT-2 tokenizer from data/tokenizer/gpt2.tiktoken (offline path)."""

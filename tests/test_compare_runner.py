@@ -15,20 +15,19 @@ import pytest
 
 from moe_gpt.compare.held_out import HELD_OUT_FILE, cached_held_out_loss
 from moe_gpt.compare.plan import Budget, plan_run
+from moe_gpt.compare.run_process import run_passing_signals_on
 from moe_gpt.compare.runner import (
     last_message,
-    run_passing_signals_on,
     set_aside_an_earlier_attempt,
     time_budget_steps,
     train,
-    train_command,
+    train_arguments,
 )
 from moe_gpt.compare.variants import parse_variant
 from moe_gpt.config import ConfigError, TrainerConfig
 from moe_gpt.errors import Interrupted
 from moe_gpt.training.preemption import stop_signals_raise
 from moe_gpt.training.run_folder import write_json
-from tests.helpers import REPO
 
 DENSE = parse_variant("dense", 128, "active")
 
@@ -39,9 +38,9 @@ def dense_run(out_dir: Path):
 
 def test_a_run_is_train_py_with_its_overrides_into_its_folder_and_resume_last_when_resuming(tmp_path):
     run = dense_run(tmp_path)
-    head = [sys.executable, str(REPO / "train.py"), "trainer.max_steps=5", "model=dense", "seed=1"]
-    assert train_command(run, resume=False) == [*head, f"hydra.run.dir={run.run_dir}"]
-    assert train_command(run, resume=True) == [*head, "resume=last", f"hydra.run.dir={run.run_dir}"]
+    head = ["trainer.max_steps=5", "model=dense", "seed=1"]
+    assert train_arguments(run, resume=False) == [*head, f"hydra.run.dir={run.run_dir}"]
+    assert train_arguments(run, resume=True) == [*head, "resume=last", f"hydra.run.dir={run.run_dir}"]
 
 
 def test_a_finished_run_is_kept_without_starting_train_py(tmp_path, capsys):
@@ -89,12 +88,48 @@ def test_a_failed_runs_reason_is_its_last_line_without_the_log_prefix():
     assert last_message("") == "no output"
 
 
-CHILD = """
-import pathlib, signal, sys, time
-signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path(sys.argv[1]).write_text("stopped"), sys.exit(143)))
-pathlib.Path(sys.argv[2]).write_text("ready")
-time.sleep(60)
-"""
+def behave_as_a_program(notes: str, how_to_end: str) -> int:
+    """Note what the process sees, print through Python and through the file descriptors, register an
+    exit handler, and end as asked."""
+    import atexit
+
+    Path(notes).write_text(json.dumps({"env": os.environ.get("MOE_GPT_TEST_NOTE"), "cwd": os.getcwd()}))
+    atexit.register(lambda: print("exit handler ran", flush=True))
+    print("to stdout")
+    print("to stderr", file=sys.stderr)
+    os.write(1, b"a library writing to fd 1\n")
+    if how_to_end == "raise":
+        raise RuntimeError("something broke")
+    if how_to_end == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 3
+
+
+@pytest.mark.parametrize(
+    "how_to_end, exit_code, last_line",
+    [("return", 3, "exit handler ran"), ("raise", 1, "exit handler ran"), ("kill", -signal.SIGKILL, None)],
+)
+def test_a_runs_process_has_this_ones_environment_and_folder_and_ends_as_a_program_does(
+    tmp_path, monkeypatch, how_to_end, exit_code, last_line
+):
+    monkeypatch.setenv("MOE_GPT_TEST_NOTE", how_to_end)  # set after the server started: it must still arrive
+    monkeypatch.chdir(tmp_path)
+    notes, output = tmp_path / "notes.json", tmp_path / "runs" / "output.log"
+    assert run_passing_signals_on(behave_as_a_program, (str(notes), how_to_end), output) == exit_code
+    assert json.loads(notes.read_text()) == {"env": how_to_end, "cwd": str(tmp_path)}
+    printed = output.read_text().splitlines()
+    assert {"to stdout", "to stderr", "a library writing to fd 1"} <= set(printed)
+    if how_to_end == "raise":
+        assert "RuntimeError: something broke" in printed  # the traceback, as the interpreter prints it
+    assert (printed[-1] if last_line else None) == last_line
+
+
+def wait_for_sigterm(stopped: str, ready: str) -> int:
+    """A run that says when it listens, and at SIGTERM notes it and ends as train.py does."""
+    signal.signal(signal.SIGTERM, lambda *_: (Path(stopped).write_text("stopped"), sys.exit(143)))
+    Path(ready).write_text("ready")
+    time.sleep(60)
+    return 0
 
 
 def test_a_stop_signal_during_a_run_is_passed_on_to_it_and_raised_again(tmp_path):
@@ -109,7 +144,7 @@ def test_a_stop_signal_during_a_run_is_passed_on_to_it_and_raised_again(tmp_path
     start = time.monotonic()
     threading.Thread(target=signal_this_process_once_the_child_listens, daemon=True).start()
     with stop_signals_raise(), pytest.raises(Interrupted) as stop:
-        run_passing_signals_on([sys.executable, "-c", CHILD, str(stopped), str(ready)], tmp_path / "output.log")
+        run_passing_signals_on(wait_for_sigterm, (str(stopped), str(ready)), tmp_path / "output.log")
     assert stop.value.signum == signal.SIGTERM and stop.value.exit_code == 143
     assert stopped.read_text() == "stopped"  # the child got the signal and ended before it returned
     assert time.monotonic() - start < 30  # not the child's 60 s sleep

@@ -1,17 +1,16 @@
 """Running a comparison's runs: each one ``train.py`` in its own process, and a time budget's step counts.
 
 One process per run keeps peak memory per run (a comparison trains many models one after another)
-and gives each run train.py's own records: ``metrics.json`` or ``failure.json`` in its folder. What a
-run prints goes to ``output.log`` in its folder; the console gets one line when it starts and one when
-it ends (its val loss, or why it failed).
+and gives each run train.py's own records: ``metrics.json`` or ``failure.json`` in its folder. The
+processes are forked from a server that imported train.py's modules once (moe_gpt/compare/run_process.py).
+What a run prints goes to ``output.log`` in its folder; the console gets one line when it starts and one
+when it ends (its val loss, or why it failed).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,21 +27,19 @@ from moe_gpt.compare.plan import (
     steps_for_minutes,
     what_to_do,
 )
+from moe_gpt.compare.run_process import run_passing_signals_on, run_train_py
 from moe_gpt.compare.variants import Variant
-from moe_gpt.config import PROJECT_ROOT
-from moe_gpt.errors import Interrupted
 from moe_gpt.training.run_folder import folder_entries, run_outcome
 from moe_gpt.training.summary import COMPARISON_ENV
 
-TRAIN_SCRIPT = PROJECT_ROOT / "train.py"
 OUTPUT_FILE = "output.log"  # in each run's folder: everything its train.py printed, every attempt
 LOG_PREFIX = re.compile(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - ")  # train.py's log line: [time][logger][LEVEL] -
 
 
-def train_command(run: PlannedRun, resume: bool) -> list[str]:
-    """The command line that trains ``run`` into its folder (continuing its ``last.ckpt`` when ``resume``)."""
+def train_arguments(run: PlannedRun, resume: bool) -> list[str]:
+    """train.py's arguments that train ``run`` into its folder (continuing its ``last.ckpt`` when ``resume``)."""
     extra = ["resume=last"] if resume else []
-    return [sys.executable, str(TRAIN_SCRIPT), *run.overrides, *extra, f"hydra.run.dir={run.run_dir}"]
+    return [*run.overrides, *extra, f"hydra.run.dir={run.run_dir}"]
 
 
 def train(run: PlannedRun) -> dict[str, Any]:
@@ -57,12 +54,12 @@ def train(run: PlannedRun) -> dict[str, Any]:
         return run_outcome(run.run_dir)
     if action == "train":
         set_aside_an_earlier_attempt(run.run_dir)  # train.py refuses a folder with another attempt's files in it
-    command = train_command(run, resume=action == "resume")
-    print(f"[compare] {action} {run.run_dir}: {' '.join(command[2:])}", flush=True)
+    arguments = train_arguments(run, resume=action == "resume")
+    print(f"[compare] {action} {run.run_dir}: {' '.join(arguments)}", flush=True)
     # Beside the folder while it trains: train.py accepts only an empty folder for a new run.
     output = run.run_dir.with_name(f".{run.run_dir.name}.{OUTPUT_FILE}")
     try:
-        returncode = run_passing_signals_on(command, output)
+        returncode = run_passing_signals_on(run_train_py, (arguments,), output)
     finally:
         kept = keep_output(output, run.run_dir)
     outcome = run_outcome(run.run_dir)
@@ -116,23 +113,6 @@ def set_aside_an_earlier_attempt(run_dir: Path) -> Optional[Path]:
     run_dir.rename(aside)
     print(f"[compare] {run_dir} holds an attempt that stopped before its first checkpoint: moved to {aside}", flush=True)
     return aside
-
-
-def run_passing_signals_on(command: list[str], output: Path) -> int:
-    """Run ``command`` to its end, its stdout and stderr into ``output``; its exit code. A stop signal this
-    process gets while it runs (as Interrupted, see moe_gpt/training/preemption.py) is sent to the child,
-    which is awaited."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "wb") as file:
-        # From the folder compare.py was started in, so data.paths mean what they mean to train.py.
-        process = subprocess.Popen(command, env=os.environ, stdout=file, stderr=subprocess.STDOUT)
-        try:
-            process.wait()
-        except Interrupted as stop:
-            process.send_signal(stop.signum)
-            process.wait()
-            raise
-    return process.returncode
 
 
 def last_message(output: str) -> str:

@@ -34,18 +34,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     pytest-xdist's worksteal hands worker i the i-th contiguous share of the collection and, when one
     runs out, moves the end of another's queue over. Dealing the slow tests out among the shares and
     putting each share's slow tests first leaves quick tests at every queue's end, so no worker is left
-    alone with a minute-long test (the longest-first rule of scheduling). The order is the same in every
-    worker, as xdist requires; in one process the slow tests simply run first.
+    alone with a minute-long test (the longest-first rule of scheduling). A file's slow tests stay together,
+    as they share module-scoped runs. The order is the same in every worker, as xdist requires; in one
+    process the slow tests simply run first.
     """
     workers = getattr(config, "workerinput", {}).get("workercount", 1)
-    slow = [item for item in items if item.get_closest_marker("slow")]
+    slow_by_file: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        if item.get_closest_marker("slow"):
+            slow_by_file.setdefault(item.nodeid.split("::")[0], []).append(item)
+    slow: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for number, group in enumerate(slow_by_file.values()):  # the files in turn
+        slow[number % workers].extend(group)
     quick = [item for item in items if not item.get_closest_marker("slow")]
     order, remaining = [], len(items)
     for worker in range(workers):
         share = remaining // (workers - worker)  # the size worksteal gives this worker, in its order
-        its_slow = slow[worker::workers]
-        take = max(share - len(its_slow), 0)
-        order += its_slow + quick[:take]
+        take = max(share - len(slow[worker]), 0)
+        order += slow[worker] + quick[:take]
         quick, remaining = quick[take:], remaining - share
     items[:] = order + quick
 

@@ -7,14 +7,18 @@ import hashlib
 import importlib
 import io
 import logging
+import itertools
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from moe_gpt.compare.run_process import run_train_py, start
 from moe_gpt.compose import compose_run_config
 from moe_gpt.training.run import train
 
@@ -40,11 +44,65 @@ TINY = [
 ]
 
 
+# Where the background train.py processes print: made once, at import, before any test moves TMPDIR.
+PRINTED = Path(tempfile.mkdtemp(prefix="moe-gpt-tests-"))
+_numbers = itertools.count()
+
+
+class TrainPy:
+    """``python train.py <args>`` in the background, with the part of subprocess.Popen's interface the tests use.
+
+    It is forked from the server of moe_gpt/compare/run_process.py, which imported train.py's modules once,
+    so it starts at once instead of after about 7 s of imports: the process compare.py runs for each run.
+    ``new_session``: it and the processes it starts are a process group of their own (``os.killpg(pid, ...)``
+    reaches them all)."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], new_session: bool = False):
+        number = next(_numbers)
+        self._stdout, stderr = PRINTED / f"{number}.stdout", PRINTED / f"{number}.stderr"
+        target = train_py_in_a_session_of_its_own if new_session else run_train_py
+        self._process = start(target, (list(args),), self._stdout, stderr, cwd=cwd, env=env)
+        self.pid = self._process.pid
+        self.stderr = open(stderr, errors="replace")  # read it once the process has ended, as a pipe
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired("train.py", timeout)
+        return self._process.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self._stdout.read_text(errors="replace"), self.stderr.read()
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def train_py_in_a_session_of_its_own(argv: list[str]) -> None:
+    os.setsid()
+    run_train_py(argv)
+
+
+def environment_for_train_py(extra: dict | None = None) -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(extra or {})}
+
+
 def run_train_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+    """``python train.py <args>`` in a process of its own (see TrainPy), to its end."""
+    process = TrainPy(args, cwd, environment_for_train_py({"HYDRA_FULL_ERROR": "0"}))
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
 def run_main(main: Callable[[], int | None], argv: list[str]) -> subprocess.CompletedProcess:
@@ -92,17 +150,12 @@ def train_in_process(overrides: list[str], run_dir: Path) -> dict:
     return train(compose_run_config(overrides, run_dir=str(run_dir)))
 
 
-def start_train_cli(args: list[str], cwd: Path, env: dict | None = None, new_session: bool = False) -> subprocess.Popen:
-    """train.py in the background (for sending it signals); its stderr is captured. ``new_session``: it and the
-    processes it starts are a process group of their own (``os.killpg(process.pid, ...)`` reaches them all)."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, start_new_session=new_session,
-    )
+def start_train_cli(args: list[str], cwd: Path, env: dict | None = None, new_session: bool = False) -> TrainPy:
+    """train.py in the background (for sending it signals); what it prints to stderr is kept."""
+    return TrainPy(args, cwd, environment_for_train_py(env), new_session)
 
 
-def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 300, containing: str = "") -> None:
+def wait_for_file(path: Path, process: TrainPy, timeout: float = 300, containing: str = "") -> None:
     """Until ``path`` exists (and holds ``containing``), or fail if the process ends first."""
     deadline = time.monotonic() + timeout
     while not (path.exists() and containing in path.read_text(errors="replace")):

@@ -141,6 +141,10 @@ def test_tiny_comparison_writes_report_table_and_plots(tmp_path, corpus_override
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "## Equal tokens" in report and "| moe-4-2 |" in report and "| MFU |" in report
+    # Each run is forked from a server that imported Lightning before logging was set up: its log is still
+    # a fresh train.py's, Lightning's own lines included, each once.
+    log = (out / "tokens/dense/seed-1337/train.log").read_text()
+    assert log.count("Seed set to 1337") == 1 and log.count("`Trainer.fit` stopped") == 1
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import os
 import runpy
 import sys
 import traceback
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -35,17 +36,33 @@ def run_train_py(argv: list[str]) -> None:
     runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
 
 
-def run_passing_signals_on(target: Callable[..., Optional[int]], args: tuple[Any, ...], output: Path) -> int:
-    """``target(*args)`` in a process of its own, forked from the server, with this process's environment and
-    working folder and everything it prints in ``output``; its exit code (minus the signal that ended it, as
-    for a subprocess). A stop signal this process gets while it runs (as Interrupted, see
-    moe_gpt/training/preemption.py) is sent to it, which is awaited; then it is raised again."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_bytes(b"")  # there even when the process ends before it prints
+def start(
+    target: Callable[..., Optional[int]],
+    args: tuple[Any, ...],
+    output: Path,
+    errors: Optional[Path] = None,
+    cwd: Optional[Path] = None,
+    env: Optional[dict[str, str]] = None,
+) -> BaseProcess:
+    """``target(*args)`` in a process of its own, forked from the server, ended as the interpreter ends a
+    program (exit code, traceback, exit handlers). Its stdout goes to the file ``output``, its stderr there
+    too or to ``errors``; it runs in ``cwd`` with ``env`` (this process's folder and environment by default)."""
+    for path in {output, errors or output}:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")  # there even when the process ends before it prints
     processes = multiprocessing.get_context("forkserver")
     processes.set_forkserver_preload(PRELOADED)  # takes effect when the server starts: the first run
-    process = processes.Process(target=_as_a_program, args=(target, args, str(output), dict(os.environ)))
+    where = (str(output), str(errors or output), str(cwd or Path.cwd()), dict(os.environ if env is None else env))
+    process = processes.Process(target=_as_a_program, args=(target, args, *where))
     process.start()
+    return process
+
+
+def run_passing_signals_on(target: Callable[..., Optional[int]], args: tuple[Any, ...], output: Path) -> int:
+    """``target(*args)`` started as ``start`` does, everything it prints in ``output``, to its end; its exit code
+    (minus the signal that ended it, as for a subprocess). A stop signal this process gets while it runs (as
+    Interrupted, see moe_gpt/training/preemption.py) is sent to it, which is awaited; then it is raised again."""
+    process = start(target, args, output)
     try:
         process.join()
     except Interrupted as stop:
@@ -55,11 +72,14 @@ def run_passing_signals_on(target: Callable[..., Optional[int]], args: tuple[Any
     return process.exitcode
 
 
-def _as_a_program(target: Callable[..., Optional[int]], args: tuple[Any, ...], output: str, environment: dict[str, str]) -> None:
+def _as_a_program(
+    target: Callable[..., Optional[int]], args: tuple[Any, ...], output: str, errors: str, cwd: str, env: dict[str, str]
+) -> None:
     """The forked process's body: ``target(*args)`` ended as the interpreter ends a program."""
+    os.chdir(cwd)
     os.environ.clear()
-    os.environ.update(environment)  # the comparison's as it is now; the server's is the one it started with
-    _print_into(output)
+    os.environ.update(env)  # as it is now where the process was started; the server's is from the server's start
+    _print_into(output, errors)
     try:
         code = target(*args) or 0
     except SystemExit as stop:
@@ -72,14 +92,12 @@ def _as_a_program(target: Callable[..., Optional[int]], args: tuple[Any, ...], o
     raise SystemExit(code)
 
 
-def _print_into(path: str) -> None:
-    """Send this process's stdout and stderr, Python's and every library's, to the file at ``path``."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    file = os.open(path, os.O_WRONLY | os.O_APPEND)
-    os.dup2(file, sys.stdout.fileno())
-    os.dup2(file, sys.stderr.fileno())
-    os.close(file)
-    # Line by line, as train.py's log is read while it runs and a killed run keeps what it printed.
-    sys.stdout.reconfigure(line_buffering=True)
-    sys.stderr.reconfigure(line_buffering=True)
+def _print_into(output: str, errors: str) -> None:
+    """Send this process's stdout and stderr, Python's and every library's, to the files at these paths."""
+    for stream, path in ((sys.stdout, output), (sys.stderr, errors)):
+        stream.flush()
+        file = os.open(path, os.O_WRONLY | os.O_APPEND)
+        os.dup2(file, stream.fileno())
+        os.close(file)
+        # Line by line, as train.py's log is read while it runs and a killed run keeps what it printed.
+        stream.reconfigure(line_buffering=True)

@@ -39,9 +39,14 @@ def tidy_lightning_logging() -> None:
     propagate to the root logger that Hydra configures, so every Lightning message appeared twice.
     Without its handler, each message goes through Hydra's handlers once: the console and train.log.
     """
-    lightning_logger = logging.getLogger("lightning")
-    for handler in list(lightning_logger.handlers):
-        lightning_logger.removeHandler(handler)
+    # Imported before any logging was configured (a comparison's runs are forked from a server that imported
+    # Lightning first), its packages also stop their records from propagating: undone, so that every message
+    # reaches Hydra's handlers once wherever Lightning was imported.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lightning_logger = logging.getLogger(name)
+        for handler in list(lightning_logger.handlers):
+            lightning_logger.removeHandler(handler)
+        lightning_logger.propagate = True
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
     # Lightning 2.6 calling an API that torch 2.13 deprecated: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

@@ -1,7 +1,9 @@
 """Shared by the tests that train: a tiny run config, and ways to run train.py."""
 
+import atexit
 import contextlib
 import csv
+import functools
 import json
 import hashlib
 import importlib
@@ -9,6 +11,7 @@ import io
 import logging
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,9 +47,17 @@ TINY = [
 ]
 
 
-# Where the background train.py processes print: made once, at import, before any test moves TMPDIR.
-PRINTED = Path(tempfile.mkdtemp(prefix="moe-gpt-tests-"))
+# Where the background train.py processes print: a folder in the temporary folder as it was at import,
+# before any test moved TMPDIR, made at the first process and removed when this process exits.
+TEMPORARY_FOLDER = tempfile.gettempdir()
 _numbers = itertools.count()
+
+
+@functools.cache
+def printed_folder() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="moe-gpt-tests-", dir=TEMPORARY_FOLDER))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 class TrainPy:
@@ -59,7 +70,7 @@ class TrainPy:
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str], new_session: bool = False):
         number = next(_numbers)
-        self._stdout, stderr = PRINTED / f"{number}.stdout", PRINTED / f"{number}.stderr"
+        self._stdout, stderr = (printed_folder() / f"{number}.{stream}" for stream in ("stdout", "stderr"))
         target = train_py_in_a_session_of_its_own if new_session else run_train_py
         self._process = start(target, (list(args),), self._stdout, stderr, cwd=cwd, env=env)
         self.pid = self._process.pid

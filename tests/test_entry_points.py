@@ -75,6 +75,29 @@ def test_no_command_module_imports_torch_lightning_or_the_like_until_it_runs():
     assert not offenders, f"importing these command modules imports (module: heavy packages) {offenders}"
 
 
+# Runs compare.py's main with a bad variant; prints its exit code and the heavy packages it imported.
+BAD_COMPARISON = """
+import contextlib, io, json, sys
+from moe_gpt.cli.compare import main
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    code = main(["--variants", "dense,moe:4:0", "--out", sys.argv[2]])
+heavy = sorted({name.split(".")[0] for name in sys.modules} & set(json.loads(sys.argv[1])))
+print(json.dumps([code, err.getvalue().strip(), heavy]))
+"""
+
+
+def test_compare_refuses_a_bad_variant_before_it_imports_lightning(tmp_path):
+    # A fresh interpreter, to see what the refusal imported; it answers in about a second, not after Lightning's 6.
+    result = subprocess.run(
+        [sys.executable, "-c", BAD_COMPARISON, json.dumps(HEAVY_MODULES), str(tmp_path / "out")],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    code, error, heavy = json.loads(result.stdout)
+    assert code == 2 and "moe:4:0" in error and len(error.splitlines()) == 1
+    assert heavy == [] and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # twelve interpreters that import torch: ~3-5 s each on 2 cores
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_every_wrapper_script_runs_its_command_and_passes_its_exit_code_on(script):

@@ -30,12 +30,13 @@ import argparse
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from moe_gpt.cli.common import ArgumentParser, entry_point
 from moe_gpt.compare.downstream import EvalSettings, cached_scores, eval_settings, report_fields
-from moe_gpt.compare.plan import STATE_FILE, PlannedRun, load_state, parse_budgets, save_state
+from moe_gpt.compare.plan import STATE_FILE, Budget, PlannedRun, load_state, parse_budgets, save_state
 from moe_gpt.compare.runner import plan_budget, runs_told_their_comparison, train
 from moe_gpt.compare.variants import MATCH_RULES, MATCHING, Variant, parse_variants
 from moe_gpt.compose import compose_run_config, merge_overrides, override_key
@@ -75,16 +76,32 @@ def settings(args: argparse.Namespace, configured: CompareConfig) -> CompareConf
     )
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """What a compare.py command asks for, every part of it checked."""
+
+    base: list[str]  # train.py overrides of every run
+    chosen: CompareConfig
+    variants: list[Variant]
+    budgets: list[Budget]
+    seeds: list[int]
+    configs: dict[str, RunConfig]  # each variant's run config (before its seed and budget)
+    eval_data: Optional[DataConfig]
+    downstream: Optional[EvalSettings]
+    out_dir: Path
+
+
 @entry_point(runs_model=True)
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    comparison = plan_comparison(args)  # every check of the input, before Lightning is imported
     from moe_gpt.training.console import tidy_lightning_logging
     from moe_gpt.training.preemption import stop_signals_raise
 
     tidy_lightning_logging()
     try:
         with stop_signals_raise():
-            compare(args, " ".join(["python scripts/compare.py", *argv]))
+            compare(comparison, " ".join(["python scripts/compare.py", *argv]))
     except Interrupted as stop:
         # Interrupted's own message speaks of one run's step; this process ran many.
         name = signal.Signals(stop.signum).name
@@ -96,48 +113,61 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def compare(args: argparse.Namespace, command: str) -> None:
-    """Plan, train and report the comparison ``args`` asks for; ``command`` is how the report says it was run."""
-    from moe_gpt.compare.held_out import eval_data_config
-    from moe_gpt.compare.report import ReportContext, write_report
-
+def plan_comparison(args: argparse.Namespace) -> Comparison:
+    """The comparison ``args`` asks for: every config composed, every variant, budget and evaluation setting
+    checked, and the output folder able to take it, before anything trains."""
     given = args.overrides
     base = given if any(override_key(o) == "experiment" for o in given) else [DEFAULT_EXPERIMENT, *given]
     run_config = compose_run_config(base)
     chosen = settings(args, run_config.compare)
     variants = parse_variants(chosen.variants, run_config.model.n_embd, chosen.match)  # all checked first
     budgets = parse_budgets(chosen.budgets)
-    seeds = [run_config.seed + i for i in range(chosen.seeds)]
     configs = {variant.name: compose_run_config(base + variant.shared_overrides) for variant in variants}
     check_taught_variants(variants, configs)
-    eval_data = eval_data_config(chosen.eval_data, run_config.data) if chosen.eval_data else None
+    eval_data = held_out_data(chosen.eval_data, run_config.data) if chosen.eval_data else None
     downstream = downstream_settings(args, run_config)
     out_dir = (
         Path(args.out).resolve()
         if args.out
         else PROJECT_ROOT / "outputs" / "compare" / time.strftime("compare-%Y-%m-%d_%H-%M-%S")
     )
-    base = merge_overrides([f"logger.group={out_dir.name}"], base)  # one W&B group, stable when re-run; yours wins
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / STATE_FILE).is_file():
         raise ConfigError(f"--out {out_dir} is not empty and holds no comparison ({STATE_FILE}); choose a new folder")
+    base = merge_overrides([f"logger.group={out_dir.name}"], base)  # one W&B group, stable when re-run; yours wins
+    seeds = [run_config.seed + i for i in range(chosen.seeds)]
+    return Comparison(base, chosen, variants, budgets, seeds, configs, eval_data, downstream, out_dir)
+
+
+def held_out_data(name: str, data: DataConfig) -> DataConfig:
+    from moe_gpt.compare.held_out import eval_data_config  # imports Lightning: only where one is asked for
+
+    return eval_data_config(name, data)
+
+
+def compare(comparison: Comparison, command: str) -> None:
+    """Train and report ``comparison``; ``command`` is how the report says it was run."""
+    from moe_gpt.compare.report import ReportContext, write_report
+
+    c = comparison
     with folder_lock(
-        out_dir, f"another compare.py is writing {out_dir} right now; wait for it or choose another --out"
+        c.out_dir, f"another compare.py is writing {c.out_dir} right now; wait for it or choose another --out"
     ), runs_told_their_comparison(command):
-        save_state(out_dir, load_state(out_dir))  # marks the folder as a comparison's
+        save_state(c.out_dir, load_state(c.out_dir))  # marks the folder as a comparison's
         rows = []
-        for budget in budgets:
-            runs, untimed = plan_budget(budget, variants, seeds, base, out_dir, rows)
+        for budget in c.budgets:
+            runs, untimed = plan_budget(budget, c.variants, c.seeds, c.base, c.out_dir, rows)
             rows += [
-                train_and_report(run, configs[run.variant.name], out_dir, eval_data, chosen, downstream) for run in runs
+                train_and_report(run, c.configs[run.variant.name], c.out_dir, c.eval_data, c.chosen, c.downstream)
+                for run in runs
             ]
             rows += [
                 {"budget": budget.name, "variant": name, "seed": seed, "status": "failed", "reason": reason}
                 for name, reason in untimed.items()
-                for seed in seeds
+                for seed in c.seeds
             ]
-        teachers = {variant.name: variant.teacher_variant for variant in variants if variant.teacher_variant}
-        context = ReportContext(command, MATCH_RULES[chosen.match], seeds, chosen.eval_data, teachers)
-        print(write_report(rows, budgets, out_dir, context))
+        teachers = {variant.name: variant.teacher_variant for variant in c.variants if variant.teacher_variant}
+        context = ReportContext(command, MATCH_RULES[c.chosen.match], c.seeds, c.chosen.eval_data, teachers)
+        print(write_report(rows, c.budgets, c.out_dir, context))
 
 
 def check_taught_variants(variants: list[Variant], configs: dict[str, RunConfig]) -> None:

@@ -148,6 +148,19 @@ def test_tiny_comparison_writes_report_table_and_plots(tmp_path, corpus_override
 
 
 @pytest.mark.slow
+def test_a_run_of_two_processes_trains_from_the_forked_train_py_as_from_a_fresh_one(tmp_path, corpus_overrides, capsys):
+    # Lightning starts the second process by running sys.argv again: the forked run must hand it train.py's.
+    out = tmp_path / "report"
+    two = ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=2", "trainer.max_steps=2"]
+    code, _, stderr = run_compare(capsys, out, "--variants", "dense", *TINY, *corpus_overrides, *two, "logger=none")
+    assert code == 0, stderr[-3000:]
+    [row] = report_rows(out)
+    assert row["status"] == "ok" and int(row["train_tokens"]) == 2 * 2 * 2 * 32  # steps x processes x batch x block
+    output = (out / "tokens/dense/seed-1337/output.log").read_text()
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in output and "GLOBAL_RANK: 1, MEMBER: 2/2" in output
+
+
+@pytest.mark.slow
 def test_a_variant_that_diverges_is_reported_with_the_reason_train_py_recorded(tmp_path, corpus_overrides, capsys):
     out = tmp_path / "report"
     variants = "dense,moe:4:2:z_loss_coef=1e300"  # an infinite training loss at the first step

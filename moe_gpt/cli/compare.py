@@ -148,26 +148,24 @@ def compare(comparison: Comparison, command: str) -> None:
     """Train and report ``comparison``; ``command`` is how the report says it was run."""
     from moe_gpt.compare.report import ReportContext, write_report
 
-    c = comparison
+    out_dir = comparison.out_dir
     with folder_lock(
-        c.out_dir, f"another compare.py is writing {c.out_dir} right now; wait for it or choose another --out"
+        out_dir, f"another compare.py is writing {out_dir} right now; wait for it or choose another --out"
     ), runs_told_their_comparison(command):
-        save_state(c.out_dir, load_state(c.out_dir))  # marks the folder as a comparison's
+        save_state(out_dir, load_state(out_dir))  # marks the folder as a comparison's
         rows = []
-        for budget in c.budgets:
-            runs, untimed = plan_budget(budget, c.variants, c.seeds, c.base, c.out_dir, rows)
-            rows += [
-                train_and_report(run, c.configs[run.variant.name], c.out_dir, c.eval_data, c.chosen, c.downstream)
-                for run in runs
-            ]
+        for budget in comparison.budgets:
+            runs, untimed = plan_budget(budget, comparison.variants, comparison.seeds, comparison.base, out_dir, rows)
+            rows += [train_and_report(run, comparison) for run in runs]
             rows += [
                 {"budget": budget.name, "variant": name, "seed": seed, "status": "failed", "reason": reason}
                 for name, reason in untimed.items()
-                for seed in c.seeds
+                for seed in comparison.seeds
             ]
-        teachers = {variant.name: variant.teacher_variant for variant in c.variants if variant.teacher_variant}
-        context = ReportContext(command, MATCH_RULES[c.chosen.match], c.seeds, c.chosen.eval_data, teachers)
-        print(write_report(rows, c.budgets, c.out_dir, context))
+        teachers = {variant.name: variant.teacher_variant for variant in comparison.variants if variant.teacher_variant}
+        chosen = comparison.chosen
+        context = ReportContext(command, MATCH_RULES[chosen.match], comparison.seeds, chosen.eval_data, teachers)
+        print(write_report(rows, comparison.budgets, out_dir, context))
 
 
 def check_taught_variants(variants: list[Variant], configs: dict[str, RunConfig]) -> None:
@@ -191,30 +189,25 @@ def downstream_settings(args: argparse.Namespace, run_config: RunConfig) -> Opti
     )
 
 
-def train_and_report(
-    run: PlannedRun,
-    run_config: RunConfig,
-    out_dir: Path,
-    eval_data: Optional[DataConfig],
-    chosen: CompareConfig,
-    downstream: Optional[EvalSettings] = None,
-) -> dict[str, Any]:
+def train_and_report(run: PlannedRun, comparison: Comparison) -> dict[str, Any]:
     """Train one run; its row of the report (with its held-out loss and lm-eval scores, and a heatmap for the
     first MoE run)."""
     from moe_gpt.compare.held_out import cached_held_out_loss
     from moe_gpt.compare.report import usage_heatmap
     from moe_gpt.model.analysis import flops_per_token
 
+    run_config = comparison.configs[run.variant.name]
     row = {"budget": run.budget.name, "variant": run.variant.name, "seed": run.seed, **train(run)}
     row["train_gflops_per_token"] = flops_per_token(run_config.model)["train_flops_per_token"] / 1e9
     if row["status"] != "ok":
         return row
     best = checkpoint_path(run.run_dir, "best.ckpt")
-    if eval_data is not None:
-        row["held_out_loss"] = cached_held_out_loss(run.run_dir, best, eval_data, chosen.eval_data, run_config.trainer)
-    if downstream is not None:
-        row.update(report_fields(cached_scores(run.run_dir, best, downstream)))
-    heatmap = out_dir / f"usage_{run.variant.name}.png"
+    if comparison.eval_data is not None:
+        eval_data, eval_name = comparison.eval_data, comparison.chosen.eval_data
+        row["held_out_loss"] = cached_held_out_loss(run.run_dir, best, eval_data, eval_name, run_config.trainer)
+    if comparison.downstream is not None:
+        row.update(report_fields(cached_scores(run.run_dir, best, comparison.downstream)))
+    heatmap = comparison.out_dir / f"usage_{run.variant.name}.png"
     if run_config.model.use_moe and not heatmap.exists():
         usage_heatmap(best, run_config, heatmap)
     return row

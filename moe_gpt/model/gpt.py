@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import register_dataclass
 
 from moe_gpt.config import GPTConfig
 from moe_gpt.model.experts import FeedForward
@@ -116,6 +117,14 @@ class GPTOutput:
     loss: Optional[Tensor] = None  # lm_loss (distill_loss) + aux_loss_coef * aux_loss + z_loss_coef * z_loss
     cache: Optional[list[KVCache]] = None
     intermediate: list[Optional[dict[str, Any]]] = field(default_factory=list)  # per block
+
+
+# A module's output that holds tensors is registered with torch's pytree: FSDP2 gathers a sharded module's
+# weights again before their backward through hooks on its output's tensors, which torch 2.11 finds with
+# that pytree, where an unregistered dataclass is one opaque leaf (no hook, and the backward meets freed
+# weights; torch 2.13 looks into dataclasses itself). The router's output is registered in routers.py.
+register_dataclass(BlockOutput)
+register_dataclass(GPTOutput)
 
 
 class GPT(nn.Module):

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import register_dataclass
 
 from moe_gpt.config import MoEConfig
 
@@ -25,6 +26,9 @@ class RouterOutput:
     topk_scores_TK: Tensor  # routing weight of each chosen expert (0 for unused slots; renormalised if asked)
     topk_idx_TK: Tensor  # chosen experts, distinct per token, best selection score (bias and groups included) first
     slot_used_TK: Optional[Tensor] = None  # bool, with top_p: whether the token really uses that expert
+
+
+register_dataclass(RouterOutput)  # its tensors visible to torch's pytree, as FSDP2 needs (model/gpt.py)
 
 
 @dataclass

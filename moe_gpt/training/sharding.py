@@ -38,12 +38,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.optim import Optimizer
-from torch.utils._pytree import register_dataclass
 
 from moe_gpt.config import ConfigError, TrainerConfig
 from moe_gpt.model.expert_parallel import EXPERT, REPLICATE, ExpertGroup
-from moe_gpt.model.gpt import GPT, BlockOutput, GPTOutput
-from moe_gpt.model.routers import RouterOutput
+from moe_gpt.model.gpt import GPT
 from moe_gpt.training.lightning_internals import shard_over_every_process
 from moe_gpt.training.parallel_settings import FSDP
 
@@ -52,13 +50,6 @@ from moe_gpt.training.parallel_settings import FSDP
 SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "bf16-true")
 # Routing stays float32 under bf16 (routers.py): the routers' weights are gathered in float32 too.
 ROUTER_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-# FSDP2 gathers a sharded module's weights again before their backward through hooks on the tensors of the
-# module's output. torch 2.11 finds those tensors with torch's pytree, to which an unregistered dataclass is one
-# opaque leaf: no hook was set, and the backward met freed weights (torch 2.13 looks into dataclasses itself).
-# The outputs of the modules shard_gpt shards are registered, so their fields are searched.
-SHARDED_MODULE_OUTPUTS = (GPTOutput, BlockOutput, RouterOutput)
-for output_type in SHARDED_MODULE_OUTPUTS:
-    register_dataclass(output_type)
 
 
 def check_fsdp_settings(cfg: TrainerConfig) -> None:

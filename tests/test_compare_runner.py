@@ -18,6 +18,7 @@ from moe_gpt.compare.plan import Budget, plan_run
 from moe_gpt.compare.run_process import run_passing_signals_on
 from moe_gpt.compare.runner import (
     last_message,
+    why_it_ended,
     set_aside_an_earlier_attempt,
     time_budget_steps,
     train,
@@ -86,6 +87,14 @@ def test_a_failed_runs_reason_is_its_last_line_without_the_log_prefix():
     assert last_message(stderr) == "checkpoint x.ckpt is damaged"
     assert last_message("error: Could not override 'model.nope'\n") == "error: Could not override 'model.nope'"
     assert last_message("") == "no output"
+
+
+def test_a_run_killed_by_a_signal_is_reported_as_killed_not_by_its_last_progress_line():
+    progress = "[2026-11-28 00:52:01,002][moe_gpt.progress][INFO] - step 20/3000  loss 10.264\n"
+    assert why_it_ended(-signal.SIGKILL, progress) == (
+        "train.py was killed by SIGKILL; run the same command again to go on with it"
+    )
+    assert why_it_ended(2, "error: Could not override 'model.nope'\n") == "error: Could not override 'model.nope'"
 
 
 def behave_as_a_program(notes: str, how_to_end: str) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,8 +65,8 @@ def train(run: PlannedRun) -> dict[str, Any]:
         kept = keep_output(output, run.run_dir)
     outcome = run_outcome(run.run_dir)
     if returncode != 0 and outcome["status"] == "incomplete":
-        # Bad input writes no record (the run never claimed its folder): its last line says why.
-        outcome = {"status": "failed", "reason": last_message(kept.read_text(errors="replace"))}
+        # Bad input writes no record (the run never claimed its folder), nor does a kill.
+        outcome = {"status": "failed", "reason": why_it_ended(returncode, kept.read_text(errors="replace"))}
     print(ended_line(run.run_dir, outcome, kept), flush=True)
     return outcome
 
@@ -113,6 +114,14 @@ def set_aside_an_earlier_attempt(run_dir: Path) -> Optional[Path]:
     run_dir.rename(aside)
     print(f"[compare] {run_dir} holds an attempt that stopped before its first checkpoint: moved to {aside}", flush=True)
     return aside
+
+
+def why_it_ended(returncode: int, output: str) -> str:
+    """Why a run that wrote no record ended: the signal that killed it, or else its last line."""
+    if returncode < 0:  # as a subprocess's: minus the signal
+        name = signal.Signals(-returncode).name
+        return f"train.py was killed by {name}; run the same command again to go on with it"
+    return last_message(output)
 
 
 def last_message(output: str) -> str:
